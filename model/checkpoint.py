@@ -1,0 +1,95 @@
+"""The ``ckpt.pt`` format: a plain dict of tensors and builtins, always loaded with ``weights_only=True``."""
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model.config import WaveCLIPConfig
+from model.waveclip import WaveCLIP
+
+FORMAT = "waveclip-edge/checkpoint"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A file that is not a usable WaveCLIP checkpoint; the message is one line."""
+
+
+def save_checkpoint(path: str | os.PathLike, model: WaveCLIP, head: dict, teacher: str,
+                    provenance: dict | None = None, train_state: dict | None = None) -> None:
+    """Write a checkpoint atomically (temporary file + rename).
+
+    ``head``: {"class_names": [...], "labels": [...] (ids such as wnids), "weight": [N, D] tensor,
+    "bias": [N] tensor, "logit_scale": float}.
+    """
+    ckpt: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": model.config.to_dict(),
+        "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+        "head": {
+            "class_names": list(head["class_names"]),
+            "labels": list(head.get("labels") or head["class_names"]),
+            "weight": head["weight"].detach().cpu().float().contiguous(),
+            "bias": head["bias"].detach().cpu().float().contiguous(),
+            "logit_scale": float(head["logit_scale"]),
+        },
+        "teacher": teacher,
+        "provenance": provenance or {},
+    }
+    if train_state is not None:
+        ckpt["train_state"] = train_state
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """Load and check a checkpoint dict. Refuses (CheckpointError) anything that is not ours or holds pickled code."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path}: not a readable torch checkpoint (not a torch.save zip archive)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        unsafe = [line.strip() for line in str(e).splitlines() if "Unsupported global" in line]
+        detail = unsafe[0][:160] if unsafe else "weights_only unpickler refused it"
+        raise CheckpointError(f"{path}: refused, it holds pickled code or objects ({detail})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({str(e).splitlines()[0][:160] if str(e) else type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a WaveCLIP checkpoint (no '{FORMAT}' format marker)")
+    if ckpt.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format version {ckpt.get('format_version')!r} is not supported (expected {FORMAT_VERSION})"
+        )
+    for key in ("config", "state_dict", "head"):
+        if key not in ckpt:
+            raise CheckpointError(f"{path}: checkpoint lacks '{key}'")
+    return ckpt
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[WaveCLIP, dict]:
+    """Checkpoint -> (model in eval mode, checkpoint dict)."""
+    ckpt = read_checkpoint(path)
+    try:
+        model = WaveCLIP(WaveCLIPConfig.from_dict(ckpt["config"]))
+        model.load_state_dict(ckpt["state_dict"])
+    except (ValueError, RuntimeError, TypeError) as e:
+        raise CheckpointError(f"{path}: config and weights do not fit ({str(e).splitlines()[0][:200]})") from None
+    return model.eval(), ckpt

@@ -1,0 +1,169 @@
+"""WaveCLIP configuration, presets and analytic FLOP counts (no torch needed)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class WaveCLIPConfig:
+    """Layout of a WaveCLIP image tower.
+
+    The image (``image_size`` square) goes to YCbCr and a ``dwt_levels``-scale Haar DWT. Inference level 0 is the
+    coarse LL band; level k >= 1 adds the three detail bands of scale ``dwt_levels - k + 1``. Every level is cut into
+    the same ``grid x grid`` token grid (so each token covers the same image area) plus one CLS token.
+    """
+
+    image_size: int = 224
+    dwt_levels: int = 3
+    grid: int = 7
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    embed_dim: int = 512
+    channels: int = 3
+    wavelet: str = "haar"
+    name: str = "custom"
+
+    def __post_init__(self) -> None:
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+        if self.image_size % (2 ** self.dwt_levels * self.grid):
+            raise ValueError(
+                f"image_size {self.image_size} must be a multiple of 2**dwt_levels * grid = {2 ** self.dwt_levels * self.grid}"
+            )
+        if self.wavelet != "haar":
+            raise ValueError(f"only the 'haar' wavelet is supported, got {self.wavelet!r}")
+
+    # --- token layout -------------------------------------------------------------------------------------------
+    @property
+    def num_levels(self) -> int:
+        return self.dwt_levels + 1
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.heads
+
+    @property
+    def patches_per_level(self) -> int:
+        return self.grid * self.grid
+
+    @property
+    def tokens_per_level(self) -> int:
+        """Tokens each level adds to the sequence: its patches plus its CLS token."""
+        return self.patches_per_level + 1
+
+    def band_size(self, level: int) -> int:
+        """Side of the wavelet band(s) that level ``level`` tokenizes."""
+        self._check_level(level)
+        scale = self.dwt_levels if level == 0 else self.dwt_levels - level + 1
+        return self.image_size >> scale
+
+    def band_names(self, level: int) -> list[str]:
+        self._check_level(level)
+        if level == 0:
+            return [f"LL{self.dwt_levels}"]
+        scale = self.dwt_levels - level + 1
+        return [f"LH{scale}", f"HL{scale}", f"HH{scale}"]
+
+    def patch_size(self, level: int) -> int:
+        return self.band_size(level) // self.grid
+
+    def patch_dim(self, level: int) -> int:
+        """Values per token at ``level``: channels x bands x patch_size**2."""
+        return self.channels * len(self.band_names(level)) * self.patch_size(level) ** 2
+
+    def past_length(self, level: int) -> int:
+        """Cached tokens a level sees from the levels before it."""
+        self._check_level(level)
+        return level * self.tokens_per_level
+
+    def _check_level(self, level: int) -> None:
+        if not 0 <= level < self.num_levels:
+            raise ValueError(f"level {level} out of range 0..{self.num_levels - 1}")
+
+    # --- cost ---------------------------------------------------------------------------------------------------
+    def level_gflops(self, level: int) -> float:
+        """GFLOPs (2 x multiply-adds) of running ``level`` alone with the KV cache of the levels before it."""
+        t, w = self.tokens_per_level, self.width
+        s = self.past_length(level) + t
+        mlp = int(w * self.mlp_ratio)
+        per_layer = 2 * t * w * 3 * w + 2 * 2 * t * s * w + 2 * t * w * w + 2 * 2 * t * w * mlp
+        flops = 2 * self.patches_per_level * self.patch_dim(level) * w + self.layers * per_layer + 2 * w * self.embed_dim
+        return flops / 1e9
+
+    def cumulative_gflops(self, level: int) -> float:
+        """GFLOPs of a cascade that exits at ``level`` (levels 0..level, each once, with the cache)."""
+        return sum(self.level_gflops(k) for k in range(level + 1))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "WaveCLIPConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown config fields: {sorted(unknown)}")
+        return cls(**data)
+
+    def replace(self, **changes) -> "WaveCLIPConfig":
+        return dataclasses.replace(self, **changes)
+
+    def preprocessing_spec(self) -> dict:
+        """The numpy preprocessing contract (stored in the bundle manifest, used by training and the runtime)."""
+        return {
+            "image_size": self.image_size,
+            "resize_shorter": self.image_size,
+            "resample": "bicubic",
+            "crop": "center",
+            "color": "ycbcr_bt601_full",
+            "normalize": {"scale": 1.0 / 255.0, "offset": -0.5},
+            "wavelet": self.wavelet,
+            "dwt_mode": "periodization",
+            "dwt_levels": self.dwt_levels,
+            "grid": self.grid,
+            "patch_order": "token (row-major over grid) x [channel (Y,Cb,Cr), band, row, col]",
+            "levels": [
+                {
+                    "bands": self.band_names(k),
+                    "band_size": self.band_size(k),
+                    "patch_size": self.patch_size(k),
+                    "tokens": self.patches_per_level,
+                    "values_per_token": self.patch_dim(k),
+                }
+                for k in range(self.num_levels)
+            ],
+        }
+
+
+def vit_gflops(image_size: int = 224, patch: int = 16, width: int = 768, layers: int = 12, mlp_ratio: float = 4.0,
+               embed_dim: int = 512) -> float:
+    """GFLOPs of a plain ViT image tower (the baseline every speed claim compares with)."""
+    n = (image_size // patch) ** 2
+    t = n + 1
+    mlp = int(width * mlp_ratio)
+    per_layer = 2 * t * width * 3 * width + 2 * 2 * t * t * width + 2 * t * width * width + 2 * 2 * t * width * mlp
+    return (2 * n * 3 * patch * patch * width + layers * per_layer + 2 * width * embed_dim) / 1e9
+
+
+PRESETS: dict[str, WaveCLIPConfig] = {
+    # Same blocks as open_clip ViT-B-16; costs about what ViT-B/16 costs when all levels run.
+    "waveclip-b16": WaveCLIPConfig(image_size=224, grid=7, width=768, layers=12, heads=12, embed_dim=512,
+                                   name="waveclip-b16"),
+    # Sized for a 2-core CPU: 64x64 input (Tiny-ImageNet resolution), 4x4 token grid.
+    "waveclip-demo": WaveCLIPConfig(image_size=64, grid=4, width=192, layers=6, heads=3, embed_dim=1280,
+                                    name="waveclip-demo"),
+    # For unit tests.
+    "waveclip-tiny": WaveCLIPConfig(image_size=64, grid=4, width=64, layers=2, heads=2, embed_dim=64,
+                                    name="waveclip-tiny"),
+}
+
+
+def get_preset(name: str, **overrides) -> WaveCLIPConfig:
+    """Look up a preset by name, optionally overriding fields (e.g. ``embed_dim`` to match a teacher)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    cfg = PRESETS[name]
+    return cfg.replace(**overrides) if overrides else cfg

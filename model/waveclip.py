@@ -1,0 +1,169 @@
+"""The WaveCLIP image tower: per-level wavelet patch tokens, block-causal ViT with an explicit KV cache."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import WaveCLIPConfig
+
+KV = tuple[torch.Tensor, torch.Tensor]  # (key, value), each [batch, heads, length, head_dim]
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention that appends its keys/values to a cache (parameter names as open_clip's)."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+
+    def forward(self, x: torch.Tensor, past: KV | None = None, mask: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, KV]:
+        b, t, w = x.shape
+        hd = w // self.heads
+        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).split(w, dim=-1)
+        q, k, v = (y.reshape(b, t, self.heads, hd).transpose(1, 2) for y in (q, k, v))
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)
+            v = torch.cat([past[1], v], dim=2)
+        scores = torch.matmul(q, k.transpose(-2, -1)) * (1.0 / math.sqrt(hd))
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        out = torch.matmul(scores.softmax(dim=-1), v).transpose(1, 2).reshape(b, t, w)
+        return self.out_proj(out), (k, v)
+
+
+class MLP(nn.Module):
+    def __init__(self, width: int, hidden: int) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(width, hidden)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.gelu(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block (open_clip ResidualAttentionBlock layout)."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = Attention(width, heads)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = MLP(width, int(width * mlp_ratio))
+
+    def forward(self, x: torch.Tensor, past: KV | None = None, mask: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, KV]:
+        a, present = self.attn(self.ln_1(x), past, mask)
+        x = x + a
+        return x + self.mlp(self.ln_2(x)), present
+
+
+class WaveCLIP(nn.Module):
+    """WaveCLIP image tower.
+
+    Input of level k: its wavelet patches ``[batch, grid*grid, config.patch_dim(k)]``
+    (from :func:`runtime.wavelet.images_to_levels`). Each level's tokens are ``[CLS_k, patches...]``; a token of level k
+    attends to every token of levels <= k, so running the levels one by one with the KV cache equals the full
+    block-causal forward.
+    """
+
+    def __init__(self, config: WaveCLIPConfig) -> None:
+        super().__init__()
+        self.config = config
+        w, n = config.width, config.num_levels
+        self.patch_embed = nn.ModuleList(nn.Linear(config.patch_dim(k), w) for k in range(n))
+        self.cls_token = nn.Parameter(torch.randn(n, w) * 0.02)
+        self.level_embed = nn.Parameter(torch.randn(n, w) * 0.02)
+        self.pos_embed = nn.Parameter(torch.randn(config.patches_per_level, w) * 0.02)
+        self.cls_pos_embed = nn.Parameter(torch.zeros(w))
+        self.ln_pre = nn.LayerNorm(w)
+        self.blocks = nn.ModuleList(Block(w, config.heads, config.mlp_ratio) for _ in range(config.layers))
+        self.ln_post = nn.ModuleList(nn.LayerNorm(w) for _ in range(n))
+        self.proj = nn.Parameter(torch.randn(n, w, config.embed_dim) * w ** -0.5)
+
+    def embed_level(self, level: int, patches: torch.Tensor) -> torch.Tensor:
+        """Tokens of one level: [batch, 1 + grid*grid, width] (CLS first), before ``ln_pre``."""
+        x = self.patch_embed[level](patches) + self.pos_embed
+        cls = (self.cls_token[level] + self.cls_pos_embed).expand(x.shape[0], 1, -1)
+        return torch.cat([cls, x], dim=1) + self.level_embed[level]
+
+    def head(self, level: int, cls: torch.Tensor) -> torch.Tensor:
+        """CLS state of a level -> its L2-normalised embedding."""
+        return F.normalize(self.ln_post[level](cls) @ self.proj[level], dim=-1)
+
+    def forward_level(self, level: int, patches: torch.Tensor, past: list[KV] | None = None
+                      ) -> tuple[torch.Tensor, list[KV]]:
+        """Run one level on top of the cache of the levels before it.
+
+        ``past``: per layer (key, value) of shape [batch, heads, past_len, head_dim] with past_len = level * tokens
+        (None for level 0). Returns the level's embedding [batch, embed_dim] and the updated cache (past + this level).
+        """
+        expected = self.config.past_length(level)
+        got = 0 if past is None else past[0][0].shape[2]
+        if got != expected:
+            raise ValueError(f"level {level} needs a KV cache of length {expected}, got {got}")
+        x = self.ln_pre(self.embed_level(level, patches))
+        present = []
+        for i, block in enumerate(self.blocks):
+            x, kv = block(x, None if past is None else past[i])
+            present.append(kv)
+        return self.head(level, x[:, 0]), present
+
+    def block_causal_mask(self, num_levels: int, device: torch.device | None = None) -> torch.Tensor:
+        """Boolean [S, S] mask, True where attention is allowed: level of key <= level of query."""
+        level = torch.arange(num_levels, device=device).repeat_interleave(self.config.tokens_per_level)
+        return level[None, :] <= level[:, None]
+
+    def forward(self, patches: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Full masked forward over levels 0..len(patches)-1 -> one embedding per level."""
+        n = len(patches)
+        x = self.ln_pre(torch.cat([self.embed_level(k, p) for k, p in enumerate(patches)], dim=1))
+        mask = self.block_causal_mask(n, x.device)
+        for block in self.blocks:
+            x, _ = block(x, mask=mask)
+        t = self.config.tokens_per_level
+        return [self.head(k, x[:, k * t]) for k in range(n)]
+
+    def forward_cascade(self, patches: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Levels one by one with the KV cache (what the exported graphs do)."""
+        past, out = None, []
+        for k, p in enumerate(patches):
+            emb, past = self.forward_level(k, p, past)
+            out.append(emb)
+        return out
+
+    @torch.no_grad()
+    def init_from_vit(self, vit: dict) -> None:
+        """Start from a ViT teacher's weights (open_clip VisionTransformer state): blocks, ln_pre, CLS and position
+        embeddings (resampled to this grid), ln_post and proj when their shapes fit."""
+        w = self.config.width
+        if vit["width"] != w or len(vit["blocks"]) != self.config.layers:
+            raise ValueError(
+                f"teacher ViT (width {vit['width']}, {len(vit['blocks'])} layers) does not match preset "
+                f"(width {w}, {self.config.layers} layers)"
+            )
+        for block, state in zip(self.blocks, vit["blocks"]):
+            block.load_state_dict({k: v for k, v in state.items() if not k.startswith("ls_")}, strict=True)
+        pos = vit["positional_embedding"]
+        g_src, g = vit["grid"], self.config.grid
+        grid_pos = pos[1:].reshape(1, g_src, g_src, w).permute(0, 3, 1, 2)
+        grid_pos = F.interpolate(grid_pos, size=(g, g), mode="bicubic", align_corners=False)
+        self.pos_embed.copy_(grid_pos.permute(0, 2, 3, 1).reshape(g * g, w))
+        self.cls_pos_embed.copy_(pos[0])
+        self.cls_token.copy_(vit["class_embedding"].expand_as(self.cls_token))
+        if "ln_pre" in vit:
+            self.ln_pre.load_state_dict(vit["ln_pre"])
+        if "ln_post" in vit:
+            for ln in self.ln_post:
+                ln.load_state_dict(vit["ln_post"])
+        if vit.get("proj") is not None and tuple(vit["proj"].shape) == (w, self.config.embed_dim):
+            self.proj.copy_(vit["proj"].expand_as(self.proj))

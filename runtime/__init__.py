@@ -1,0 +1,1 @@
+"""Torch-free WaveCLIP runtime: preprocessing, bundle loading, backends and the early-exit cascade."""
