@@ -1,0 +1,1 @@
+"""Shipped device profiles (TOML); a package so that they install with waveclip-edge."""

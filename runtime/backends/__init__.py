@@ -1,0 +1,59 @@
+"""Inference backends behind one small interface.
+
+A backend runs one level graph: ``run_level(level, patches, past) -> (embedding, present)`` where ``past``/``present``
+are the backend's own KV-cache handles (kept in the backend's memory where it allows: ONNX Runtime OrtValues,
+OpenVINO tensors, TensorRT device buffers), and ``take_rows(present, rows)`` keeps the cache rows of the inputs that go
+on to the next level. ``to_numpy(present)`` exposes a cache for tests and debugging.
+"""
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import numpy as np
+
+from runtime.bundle import Bundle
+
+BACKENDS = ("onnxruntime", "openvino", "tensorrt")
+EXTRA = {"onnxruntime": "runtime", "openvino": "openvino", "tensorrt": "tensorrt"}
+
+
+class BackendError(RuntimeError):
+    """A backend that cannot be created or run; one-line message."""
+
+
+class Backend(Protocol):
+    name: str
+
+    def run_level(self, level: int, patches: np.ndarray, past: Any | None) -> tuple[np.ndarray, Any]: ...
+
+    def take_rows(self, present: Any, rows: np.ndarray) -> Any: ...
+
+    def to_numpy(self, present: Any) -> list[np.ndarray]: ...
+
+
+def check_kv_shapes(bundle: Bundle, level: int, batch: int, shapes: list[tuple[int, ...]]) -> None:
+    """Refuse a KV cache whose shapes do not match what the level graph declares (clear error instead of a crash)."""
+    names, _ = bundle.kv_names(level)
+    if len(shapes) != len(names):
+        raise BackendError(f"level {level} takes {len(names)} KV tensors, got {len(shapes)}")
+    cfg = bundle.manifest["kv_cache"]
+    want = (batch, cfg["num_heads"], bundle.manifest["levels"][level]["past_length"], cfg["head_dim"])
+    for name, shape in zip(names, shapes):
+        if tuple(shape) != want:
+            raise BackendError(f"level {level}: {name} must have shape {list(want)} (past length {want[2]}), got {list(shape)}")
+
+
+def create_backend(bundle: Bundle, name: str = "onnxruntime", **options) -> Backend:
+    """Instantiate a backend by name; a backend whose package is missing names the extra to install."""
+    if name not in BACKENDS:
+        raise BackendError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
+    try:
+        if name == "onnxruntime":
+            from runtime.backends.ort import OnnxRuntimeBackend as cls
+        elif name == "openvino":
+            from runtime.backends.openvino import OpenVINOBackend as cls
+        else:
+            from runtime.backends.tensorrt import TensorRTBackend as cls
+    except ImportError as e:
+        raise BackendError(f"backend {name!r} is not installed ({e.name or e}): pip install 'waveclip-edge[{EXTRA[name]}]'") from None
+    return cls(bundle, **options)

@@ -1,0 +1,160 @@
+"""The early-exit cascade: level 0 on the whole batch, then only undecided rows (with their KV rows) go on."""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from runtime.backends import Backend, create_backend
+from runtime.bundle import Bundle, load_bundle
+from runtime.preprocess import image_to_array
+from runtime.wavelet import images_to_levels
+
+
+@dataclass
+class Result:
+    """One image's answer: label, score, margin at exit, exit level and time per level run."""
+
+    label: str  # label id (e.g. a wnid)
+    class_name: str
+    score: float
+    margin: float
+    exit_level: int
+    top_k: list[tuple[str, float]]
+    level_ms: list[float] = field(default_factory=list)
+    preprocess_ms: float = 0.0
+    embedding: np.ndarray | None = None
+
+    def to_dict(self) -> dict:
+        return {"label": self.label, "class_name": self.class_name, "score": self.score, "margin": self.margin,
+                "exit_level": self.exit_level, "top_k": [{"class_name": n, "score": s} for n, s in self.top_k],
+                "level_ms": self.level_ms, "preprocess_ms": self.preprocess_ms}
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def margins(probs: np.ndarray) -> np.ndarray:
+    """Top-1 minus top-2 probability per row."""
+    if probs.shape[-1] < 2:
+        return np.ones(probs.shape[0], dtype=probs.dtype)
+    top2 = np.partition(probs, -2, axis=-1)[:, -2:]
+    return top2[:, 1] - top2[:, 0]
+
+
+def normalize_thresholds(thresholds: float | Sequence[float] | None, bundle: Bundle) -> list[float]:
+    """A single float applies to every level; a list gives one per level before the last."""
+    n = bundle.num_levels - 1
+    if thresholds is None:
+        values = bundle.thresholds
+    elif isinstance(thresholds, (int, float)):
+        values = [float(thresholds)] * n
+    else:
+        values = [float(t) for t in thresholds]
+    if len(values) != n:
+        raise ValueError(f"need {n} thresholds (one per level before the last), got {len(values)}")
+    return values
+
+
+class Cascade:
+    """Classify images with early exit over a bundle.
+
+    ``thresholds``: None (the manifest's), one float, or one per level before the last. ``max_level`` caps the depth
+    (that level always exits). ``labels``: restrict the head to a subset of class names or label ids.
+    """
+
+    def __init__(self, bundle: Bundle | str | os.PathLike, backend: str | Backend = "onnxruntime",
+                 thresholds: float | Sequence[float] | None = None, max_level: int | None = None,
+                 labels: Sequence[str] | None = None, top_k: int = 5, **backend_options) -> None:
+        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+        self.backend = create_backend(self.bundle, backend, **backend_options) if isinstance(backend, str) else backend
+        self.thresholds = normalize_thresholds(thresholds, self.bundle)
+        last = self.bundle.num_levels - 1
+        self.max_level = last if max_level is None else max_level
+        if not 0 <= self.max_level <= last:
+            raise ValueError(f"max level {max_level} out of range 0..{last}")
+        self.top_k = top_k
+        self.class_index = self._select_classes(labels)
+        self.weight = self.bundle.head_weight[self.class_index]
+        self.bias = self.bundle.head_bias[self.class_index]
+
+    def _select_classes(self, labels: Sequence[str] | None) -> np.ndarray:
+        if not labels:
+            return np.arange(len(self.bundle.class_names))
+        lookup = {name: i for i, name in enumerate(self.bundle.class_names)}
+        lookup.update({lab: i for i, lab in enumerate(self.bundle.labels)})
+        missing = [lab for lab in labels if lab not in lookup]
+        if missing:
+            raise ValueError(f"labels not in the bundle's head: {', '.join(missing[:5])}")
+        if len(labels) < 2:
+            raise ValueError("a label subset needs at least two labels")
+        return np.array([lookup[lab] for lab in labels])
+
+    def probabilities(self, embeddings: np.ndarray) -> np.ndarray:
+        return softmax(self.bundle.logit_scale * (embeddings @ self.weight.T) + self.bias)
+
+    def preprocess(self, images: Sequence) -> list[np.ndarray]:
+        spec = self.bundle.preprocessing
+        return images_to_levels(np.stack([image_to_array(im, spec) for im in images]), spec)
+
+    def classify(self, images: Sequence) -> list[Result]:
+        """Images (paths, PIL images or HxWx3 uint8 arrays) -> one Result each, in input order."""
+        t0 = time.perf_counter()
+        levels = self.preprocess(images)
+        pre_ms = (time.perf_counter() - t0) * 1e3 / max(len(images), 1)
+        results = self.classify_levels(levels)
+        for r in results:
+            r.preprocess_ms = pre_ms
+        return results
+
+    def classify_levels(self, levels: list[np.ndarray], keep_embeddings: bool = False) -> list[Result]:
+        """Run the cascade on preprocessed per-level patches ``[B, tokens, values]``."""
+        batch = levels[0].shape[0]
+        results: list[Result | None] = [None] * batch
+        active = np.arange(batch)
+        past, level_ms = None, []
+        for k in range(self.max_level + 1):
+            t0 = time.perf_counter()
+            emb, present = self.backend.run_level(k, levels[k][active], past)
+            probs = self.probabilities(emb)
+            margin = margins(probs)
+            done = np.ones(len(active), bool) if k == self.max_level else margin >= self.thresholds[k]
+            go_on = np.flatnonzero(~done)
+            if len(go_on):
+                past = present if len(go_on) == len(active) else self.backend.take_rows(present, go_on)
+            level_ms.append((time.perf_counter() - t0) * 1e3)
+            for j in np.flatnonzero(done):
+                results[active[j]] = self._result(probs[j], float(margin[j]), k, list(level_ms),
+                                                  emb[j] if keep_embeddings else None)
+            active = active[go_on]
+            if not len(active):
+                break
+        return results  # type: ignore[return-value]
+
+    def run_all_levels(self, levels: list[np.ndarray]) -> list[np.ndarray]:
+        """Embeddings of every level for every row (no gate): what calibration and evaluation measure once."""
+        past, out = None, []
+        for k in range(self.max_level + 1):
+            emb, past = self.backend.run_level(k, levels[k], past)
+            out.append(emb)
+        return out
+
+    def _result(self, probs: np.ndarray, margin: float, level: int, level_ms: list[float],
+                embedding: np.ndarray | None) -> Result:
+        order = np.argsort(-probs)[: self.top_k]
+        best = self.class_index[order[0]]
+        return Result(label=self.bundle.labels[best], class_name=self.bundle.class_names[best],
+                      score=float(probs[order[0]]), margin=margin, exit_level=level,
+                      top_k=[(self.bundle.class_names[self.class_index[i]], float(probs[i])) for i in order],
+                      level_ms=level_ms, embedding=embedding)
+
+    def expected_gflops(self, results: Sequence[Result]) -> float:
+        """Mean GFLOPs per image of these results (cumulative GFLOPs of each exit level)."""
+        cum = [lv["cumulative_gflops"] for lv in self.bundle.manifest["levels"]]
+        return float(np.mean([cum[r.exit_level] for r in results])) if results else 0.0

@@ -1,0 +1,115 @@
+"""``python -m runtime.classify BUNDLE IMAGE_OR_DIR...``: early-exit classification with a bundle, no torch."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from runtime.backends import BACKENDS, BackendError
+from runtime.bundle import BundleError, load_bundle
+from runtime.cascade import Cascade, Result
+from runtime.preprocess import ImageError, image_to_array, list_images
+from runtime.wavelet import images_to_levels
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m runtime.classify", description=__doc__.split(":", 1)[1].strip())
+    p.add_argument("bundle", help="bundle folder written by `python -m export.onnx` (or calibration.quantize)")
+    p.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
+    p.add_argument("--backend", default="onnxruntime", choices=BACKENDS, help="inference backend (default onnxruntime)")
+    p.add_argument("--threshold", type=float, nargs="+", metavar="T",
+                   help="gate threshold on the softmax top-1 minus top-2 margin: one value for every level or one per "
+                        "level before the last (default: the manifest's calibrated thresholds)")
+    p.add_argument("--max-level", type=int, help="never run deeper than this level (it always exits)")
+    p.add_argument("--top-k", type=int, default=5, help="labels to report per image (default 5)")
+    p.add_argument("--labels", help="comma-separated subset of class names or label ids to classify among")
+    p.add_argument("--batch-size", type=int, default=1, help="images per cascade batch (default 1)")
+    p.add_argument("--threads", type=int, help="intra-op threads for the backend (default: the backend's choice)")
+    p.add_argument("--json", action="store_true", help="print one JSON document with every result and the summary")
+    p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle files")
+    return p.parse_args(argv)
+
+
+def summarize(results: list[Result], cascade: Cascade, seconds: float) -> dict:
+    levels = cascade.bundle.manifest["levels"]
+    hist = Counter(r.exit_level for r in results)
+    full = levels[cascade.max_level]["cumulative_gflops"]
+    expected = cascade.expected_gflops(results)
+    return {
+        "images": len(results),
+        "exit_histogram": {str(k): hist.get(k, 0) for k in range(cascade.max_level + 1)},
+        "mean_latency_ms": float(np.mean([sum(r.level_ms) + r.preprocess_ms for r in results])) if results else 0.0,
+        "expected_gflops": expected,
+        "full_gflops": full,
+        "compute_saved": 1.0 - expected / full if results else 0.0,
+        "wall_s": seconds,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        bundle = load_bundle(args.bundle, verify=not args.no_verify)
+        labels = [s.strip() for s in args.labels.split(",")] if args.labels else None
+        threshold = args.threshold[0] if args.threshold and len(args.threshold) == 1 else args.threshold
+        options = {"threads": args.threads} if args.threads else {}
+        cascade = Cascade(bundle, args.backend, threshold, args.max_level, labels, args.top_k, **options)
+    except (BundleError, BackendError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    paths = list_images(args.images)
+    if not paths:
+        print("error: no images found", file=sys.stderr)
+        return 2
+    spec = bundle.preprocessing
+    results: list[tuple[Path, Result]] = []
+    failed = 0
+    start = time.perf_counter()
+    bar = tqdm(total=len(paths), unit="img", disable=len(paths) < 2 or args.json, file=sys.stderr)
+    for i in range(0, len(paths), args.batch_size):
+        chunk, arrays = [], []
+        t0 = time.perf_counter()
+        for path in paths[i:i + args.batch_size]:
+            try:
+                arrays.append(image_to_array(path, spec))
+                chunk.append(path)
+            except ImageError as e:
+                failed += 1
+                tqdm.write(f"skipped: {e}", file=sys.stderr)
+        bar.update(args.batch_size if i + args.batch_size <= len(paths) else len(paths) - i)
+        if not chunk:
+            continue
+        levels = images_to_levels(np.stack(arrays), spec)
+        pre_ms = (time.perf_counter() - t0) * 1e3 / len(chunk)
+        for path, res in zip(chunk, cascade.classify_levels(levels)):
+            res.preprocess_ms = pre_ms
+            results.append((path, res))
+            if not args.json:
+                ms = " ".join(f"{m:.1f}" for m in res.level_ms)
+                tqdm.write(f"{path}: {res.class_name} ({res.score:.3f})  exit level {res.exit_level}  "
+                           f"margin {res.margin:.3f}  ms/level [{ms}]")
+                for name, score in res.top_k[1:]:
+                    tqdm.write(f"    {name} ({score:.3f})")
+    bar.close()
+    summary = summarize([r for _, r in results], cascade, time.perf_counter() - start)
+    summary["skipped"] = failed
+    if args.json:
+        print(json.dumps({"bundle": str(bundle.path), "backend": args.backend, "thresholds": cascade.thresholds,
+                          "results": [{"image": str(p), **r.to_dict()} for p, r in results], "summary": summary},
+                         indent=2))
+    else:
+        hist = " ".join(f"L{k}:{n}" for k, n in summary["exit_histogram"].items())
+        print(f"{summary['images']} images ({failed} skipped)  exits {hist}  mean {summary['mean_latency_ms']:.2f} ms/img  "
+              f"{summary['expected_gflops']:.3f} of {summary['full_gflops']:.3f} GFLOPs/img "
+              f"({100 * summary['compute_saved']:.0f}% compute saved)")
+    return 1 if failed and not results else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
