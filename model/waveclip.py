@@ -88,7 +88,7 @@ class WaveCLIP(nn.Module):
         self.ln_pre = nn.LayerNorm(w)
         self.blocks = nn.ModuleList(Block(w, config.heads, config.mlp_ratio) for _ in range(config.layers))
         self.ln_post = nn.ModuleList(nn.LayerNorm(w) for _ in range(n))
-        self.proj = nn.Parameter(torch.randn(n, w, config.embed_dim) * w ** -0.5)
+        self.proj = nn.Parameter(torch.randn(w, config.embed_dim) * w ** -0.5)  # shared: one embedding space
 
     def embed_level(self, level: int, patches: torch.Tensor) -> torch.Tensor:
         """Tokens of one level: [batch, 1 + grid*grid, width] (CLS first), before ``ln_pre``."""
@@ -98,7 +98,7 @@ class WaveCLIP(nn.Module):
 
     def head(self, level: int, cls: torch.Tensor) -> torch.Tensor:
         """CLS state of a level -> its L2-normalised embedding."""
-        return F.normalize(self.ln_post[level](cls) @ self.proj[level], dim=-1)
+        return F.normalize(self.ln_post[level](cls) @ self.proj, dim=-1)
 
     def forward_level(self, level: int, patches: torch.Tensor, past: list[KV] | None = None
                       ) -> tuple[torch.Tensor, list[KV]]:
@@ -166,4 +166,4 @@ class WaveCLIP(nn.Module):
             for ln in self.ln_post:
                 ln.load_state_dict(vit["ln_post"])
         if vit.get("proj") is not None and tuple(vit["proj"].shape) == (w, self.config.embed_dim):
-            self.proj.copy_(vit["proj"].expand_as(self.proj))
+            self.proj.copy_(vit["proj"])

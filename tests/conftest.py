@@ -19,3 +19,32 @@ def data_dir() -> Path:
 def sample_images(data_dir) -> list[Path]:
     """A handful of real full-resolution photos (imagenet-sample)."""
     return sorted((data_dir / "imagenet-sample").glob("*.JPEG"))[:16]
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A randomly initialised waveclip-tiny checkpoint with a 10-class head."""
+    import torch
+
+    from model.checkpoint import save_checkpoint
+    from model.config import get_preset
+    from model.waveclip import WaveCLIP
+
+    torch.manual_seed(0)
+    cfg = get_preset("waveclip-tiny")
+    head = {"class_names": [f"class {i}" for i in range(10)], "labels": [f"c{i}" for i in range(10)],
+            "weight": torch.nn.functional.normalize(torch.randn(10, cfg.embed_dim), dim=-1),
+            "bias": torch.zeros(10), "logit_scale": 30.0}
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    save_checkpoint(path, WaveCLIP(cfg).eval(), head, teacher="random", provenance={"note": "random init for tests"})
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_checkpoint, tmp_path_factory) -> Path:
+    """The tiny checkpoint exported (and validated) to a bundle."""
+    from export.onnx import main as export_main
+
+    out = tmp_path_factory.mktemp("bundle") / "tiny"
+    assert export_main([str(tiny_checkpoint), "-o", str(out), "--images", str(REPO / "examples" / "images")]) == 0
+    return out
