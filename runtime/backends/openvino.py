@@ -14,10 +14,13 @@ class OpenVINOBackend:
     name = "openvino"
 
     def __init__(self, bundle: Bundle, device: str = "CPU", threads: int | None = None,
-                 hint: str = "LATENCY") -> None:
+                 hint: str = "LATENCY", inference_precision: str | None = None) -> None:
         self.bundle = bundle
         core = ov.Core()
         config = {"PERFORMANCE_HINT": hint}
+        # OpenVINO runs fp32 graphs in bf16 on CPUs that have it unless told otherwise; keep the bundle's precision.
+        if inference_precision or bundle.manifest["precision"] == "fp32":
+            config["INFERENCE_PRECISION_HINT"] = inference_precision or "f32"
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
         try:
