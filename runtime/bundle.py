@@ -162,6 +162,7 @@ def staged_output(out: str | os.PathLike, force: bool = False) -> Iterator[Path]
         raise BundleError(f"{out} already exists (use --force to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be shared
     try:
         yield tmp
         if out.exists():

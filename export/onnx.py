@@ -1,0 +1,191 @@
+"""``python -m export.onnx ckpt.pt -o BUNDLE``: checkpoint -> validated per-level ONNX bundle with an explicit KV cache.
+
+Every level graph shares one ``weights.bin``; the bundle is staged in a temporary folder and moved in place only
+after ONNX Runtime reproduced PyTorch on real images (``validation.json``).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from tqdm import tqdm
+
+from export.fp16 import to_fp16
+from export.graphs import DEFAULT_OPSET, EXPORTER, KINDS, PAST, PRESENT, export_level, level_io
+from export.optimize import optimize_graph, summarize
+from export.validate import find_images, format_table, tolerances, validate_bundle
+from export.weights import WEIGHTS_FILE, SharedWeights, save_graph
+from model.checkpoint import CheckpointError, load_checkpoint
+from model.config import WaveCLIPConfig
+from runtime.bundle import (BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, BundleError, load_bundle, sha256_file,
+                            staged_output, validate_manifest, write_array, write_manifest)
+from runtime.preprocess import ImageError, preprocess
+
+VALIDATION = "validation.json"
+OPT_THREADS = 1
+
+
+class ExportError(ValueError):
+    """A request that cannot be exported (bad --levels, ...); one-line message."""
+
+
+class ValidationFailed(RuntimeError):
+    """The exported graphs do not reproduce PyTorch within tolerance; ``result`` holds the report."""
+
+    def __init__(self, result: dict) -> None:
+        super().__init__("; ".join(result["failures"]))
+        self.result = result
+
+
+def parse_levels(text: str | None, num_levels: int) -> list[int]:
+    """``"0,1,2"`` -> [0, 1, 2]; only a prefix 0..k is allowed (level k needs the cache of every level before it)."""
+    if text is None:
+        return list(range(num_levels))
+    try:
+        levels = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ExportError(f"--levels {text!r}: expected comma-separated integers such as 0,1,2") from None
+    if not levels or levels != list(range(len(levels))) or len(levels) > num_levels:
+        raise ExportError(f"--levels {text!r}: must be a prefix 0,1,..,k of 0..{num_levels - 1} "
+                          "(level k runs on the KV cache of all levels before it)")
+    return levels
+
+
+def build_manifest(cfg: WaveCLIPConfig, level_entries: list[dict], head: dict, precision: str,
+                   optimization: dict, export_info: dict, weights: SharedWeights) -> dict:
+    """The bundle manifest (runtime/manifest.schema.json); ``files`` is filled by write_manifest."""
+    n = len(level_entries)
+    return {
+        "format": BUNDLE_FORMAT, "format_version": BUNDLE_FORMAT_VERSION, "name": cfg.name,
+        "model": cfg.to_dict(),
+        "preprocessing": cfg.preprocessing_spec(),
+        "kv_cache": {"num_layers": cfg.layers, "num_heads": cfg.heads, "head_dim": cfg.head_dim,
+                     "tokens_per_level": cfg.tokens_per_level,
+                     **{f"past_{kind}_pattern": PAST.replace("%s", kind) for kind in KINDS},
+                     **{f"present_{kind}_pattern": PRESENT.replace("%s", kind) for kind in KINDS},
+                     "layout": "batch,heads,length,head_dim"},
+        "levels": level_entries,
+        "head": head,
+        "gate": {"metric": "softmax_margin", "thresholds": [0.5] * (n - 1), "source": "default"},
+        "precision": precision,
+        "graph_format": "onnx",
+        "external_data": {"file": weights.name, "bytes": weights.size, "unique_tensors": weights.unique,
+                          "tensor_references": weights.tensors},
+        "optimization": optimization,
+        "export": export_info,
+    }
+
+
+def export_bundle(ckpt_path: str | Path, out: str | Path, *, opset: int = DEFAULT_OPSET, levels: str | None = None,
+                  fp16: bool = False, force: bool = False, images: Sequence[str] | None = None,
+                  optimize: bool = True, atol: float | None = None, progress: bool = True) -> tuple[dict, dict]:
+    """Export and validate a bundle; returns (manifest, validation). Raises ValidationFailed (nothing written),
+    CheckpointError, BundleError, ImageError, ExportError or OSError."""
+    start = time.time()
+    model, ckpt = load_checkpoint(ckpt_path)
+    cfg = model.config
+    chosen = parse_levels(levels, cfg.num_levels)
+    found, source = find_images(images)
+    patches = preprocess(found, cfg.preprocessing_spec())
+    precision = "fp16" if fp16 else "fp32"
+    ck_head = ckpt["head"]
+    head_np = {"weight": ck_head["weight"].float().numpy(), "bias": ck_head["bias"].float().numpy(),
+               "logit_scale": float(ck_head["logit_scale"])}
+    with staged_output(out, force=force) as tmp:
+        weights = SharedWeights(tmp)
+        entries, records = [], []
+        for k in tqdm(chosen, desc="export", unit="level", disable=not progress):
+            inputs, outputs = level_io(cfg, k)
+            proto = export_level(model, k, opset)
+            if optimize:
+                proto, record = optimize_graph(proto, inputs, threads=OPT_THREADS)
+                records.append({"level": k, **record})
+            if fp16:
+                proto = to_fp16(proto)
+            name = f"level{k}.onnx"
+            save_graph(weights.externalize(proto), tmp / name)
+            del proto
+            onnx.checker.check_model(str(tmp / name), full_check=True)
+            entries.append({"level": k, "file": name, "past_length": cfg.past_length(k),
+                            "tokens": cfg.tokens_per_level, "gflops": round(cfg.level_gflops(k), 6),
+                            "cumulative_gflops": round(cfg.cumulative_gflops(k), 6),
+                            "inputs": inputs, "outputs": outputs})
+        head = {"class_names": list(ck_head["class_names"]), "labels": list(ck_head["labels"]),
+                "weight": write_array(tmp, "head_weight.bin", head_np["weight"]),
+                "bias": write_array(tmp, "head_bias.bin", head_np["bias"]),
+                "logit_scale": head_np["logit_scale"]}
+        result = validate_bundle(tmp, entries, model, head_np, patches, tolerances(precision, atol), progress)
+        result["images"] = {"source": source, "count": len(found),
+                            "files": [Path(f).name for f in found if not isinstance(f, np.ndarray)]}
+        (tmp / VALIDATION).write_text(json.dumps(result, indent=2) + "\n")
+        info = {"tool": "python -m export.onnx", "exporter": EXPORTER, "opset": opset,
+                "torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__,
+                "checkpoint": {"file": Path(ckpt_path).name, "sha256": sha256_file(ckpt_path)},
+                "teacher": ckpt.get("teacher"), "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                "seconds": round(time.time() - start, 1),
+                "validation": {"file": VALIDATION, "passed": result["passed"], "images": len(found), "source": source}}
+        manifest = build_manifest(cfg, entries, head, precision, summarize(records, OPT_THREADS), info, weights)
+        write_manifest(tmp, manifest)
+        validate_manifest(manifest)
+        if not result["passed"]:
+            raise ValidationFailed(result)
+        load_bundle(tmp)  # sha256 of every file, head arrays readable
+    return manifest, result
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m export.onnx", description=__doc__.split("\n\n")[0].replace("``", "'"),
+        epilog="Exit status: 0 exported and validated, 1 validation failed (nothing written), "
+               "2 bad input (checkpoint, output folder, images, --levels).")
+    p.add_argument("checkpoint", help="WaveCLIP checkpoint (ckpt.pt, see model/checkpoint.py)")
+    p.add_argument("-o", "--output", required=True, help="bundle folder to create")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    p.add_argument("--levels", help="levels to export, a prefix such as 0,1 (default: all)")
+    p.add_argument("--fp16", action="store_true",
+                   help="convert the graphs' weights and compute to float16 (inputs/outputs stay float32; "
+                        "validated with a looser tolerance)")
+    p.add_argument("--force", action="store_true", help="replace the output folder if it exists")
+    p.add_argument("--images", nargs="+", metavar="IMG_OR_DIR",
+                   help="validation images (files or folders); default: $WAVECLIP_DATA or ../shared/data "
+                        "imagenet-sample (first 16), else examples/images")
+    p.add_argument("--no-optimize", action="store_true",
+                   help="skip the optional offline graph optimisation pass (kept only where it pays anyway)")
+    p.add_argument("--atol", type=float,
+                   help="max abs diff allowed against PyTorch for every output (default 1e-4 fp32; "
+                        "fp16: 1e-2 embeddings, 5e-2 KV cache)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        manifest, result = export_bundle(
+            args.checkpoint, args.output, opset=args.opset, levels=args.levels, fp16=args.fp16, force=args.force,
+            images=args.images, optimize=not args.no_optimize, atol=args.atol, progress=not args.quiet)
+    except ValidationFailed as e:
+        print(format_table(e.result))
+        print(f"error: validation failed, no bundle written: {e}", file=sys.stderr)
+        return 1
+    except (CheckpointError, BundleError, ImageError, ExportError, OSError) as e:
+        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2
+    print(format_table(result))
+    size = sum(p.stat().st_size for p in Path(args.output).iterdir() if p.is_file())
+    print(f"wrote {args.output} ({len(manifest['levels'])} levels, {manifest['precision']}, {size / 2**20:.1f} MiB, "
+          f"{manifest['export']['seconds']:.1f} s; optimization: {manifest['optimization']['applied'] or 'none'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
