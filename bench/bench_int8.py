@@ -1,0 +1,136 @@
+"""fp32 vs int8 per level, in one run on this machine: latency (batch 1, median over interleaved runs after warm-up,
+same threads for every backend) for ONNX Runtime and OpenVINO, their fp32/int8 ratios, and top-1 agreement per level.
+
+    python bench/bench_int8.py FP32_BUNDLE INT8_ORT_BUNDLE [INT8_OV_BUNDLE] --data DIR_OR_CSV [--split val]
+
+OpenVINO fp32 is the fp32 ONNX bundle compiled by OpenVINO; OpenVINO int8 is the IR bundle from
+``python -m calibration.quantize --backend openvino``. Each level runs on a real image with the real KV cache of the
+same backend's earlier levels.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from calibration.compare import compare  # noqa: E402
+from runtime.backends import create_backend  # noqa: E402
+from runtime.bundle import Bundle, BundleError, load_bundle  # noqa: E402
+from runtime.data import DataError, load_images, read_image_list  # noqa: E402
+from runtime.wavelet import images_to_levels  # noqa: E402
+
+MIN_RUNS = 50
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def level_latency(configs: dict[str, tuple[Bundle, str]], patches: list[np.ndarray], threads: int, runs: int,
+                  warmup: int) -> dict[str, list[dict]]:
+    """Per config, per level: median/p90 ms of run_level at batch 1 (configs interleaved run by run)."""
+    backends = {name: create_backend(b, kind, threads=threads) for name, (b, kind) in configs.items()}
+    past = {name: None for name in backends}
+    out: dict[str, list[dict]] = {name: [] for name in backends}
+    for k in range(len(patches)):
+        times: dict[str, list[float]] = {name: [] for name in backends}
+        for name, be in backends.items():
+            for _ in range(warmup):
+                be.run_level(k, patches[k], past[name])
+        for _ in range(runs):
+            for name, be in backends.items():
+                t0 = time.perf_counter()
+                be.run_level(k, patches[k], past[name])
+                times[name].append((time.perf_counter() - t0) * 1e3)
+        for name, be in backends.items():
+            past[name] = be.run_level(k, patches[k], past[name])[1]
+            t = np.array(times[name])
+            out[name].append({"level": k, "median_ms": float(np.median(t)), "p90_ms": float(np.percentile(t, 90))})
+    return out
+
+
+def markdown(result: dict) -> str:
+    lat, agree = result["latency"], result["agreement"]
+    has_ov = "openvino int8" in lat
+    cols = ["level", "ORT fp32 ms", "ORT int8 ms", "ORT speedup", "OV fp32 ms"]
+    cols += ["OV int8 ms", "OV speedup"] if has_ov else []
+    cols += ["top-1 agree ORT int8"] + (["top-1 agree OV int8"] if has_ov else [])
+    rows = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for k in range(len(lat["onnxruntime fp32"])):
+        ms = {name: v[k]["median_ms"] for name, v in lat.items()}
+        row = [str(k), f"{ms['onnxruntime fp32']:.3f}", f"{ms['onnxruntime int8']:.3f}",
+               f"{ms['onnxruntime fp32'] / ms['onnxruntime int8']:.2f}x", f"{ms['openvino fp32']:.3f}"]
+        if has_ov:
+            row += [f"{ms['openvino int8']:.3f}", f"{ms['openvino fp32'] / ms['openvino int8']:.2f}x"]
+        row += [f"{agree['onnxruntime'][k]:.1%}"] + ([f"{agree['openvino'][k]:.1%}"] if has_ov else [])
+        rows.append("| " + " | ".join(row) + " |")
+    m = result["setup"]
+    rows.append(f"\nbatch 1, median of {m['runs']} interleaved runs after {m['warmup']} warm-up, {m['threads']} "
+                f"thread(s), {m['cpu']}; agreement vs ORT fp32 on {m['agreement_images']} images of {m['data']}; "
+                f"onnxruntime {m['versions']['onnxruntime']}, openvino {m['versions']['openvino']}")
+    return "\n".join(rows)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("fp32", help="fp32 ONNX bundle")
+    p.add_argument("int8_ort", help="int8 QDQ ONNX bundle (calibration.quantize --backend onnxruntime)")
+    p.add_argument("int8_ov", nargs="?", help="int8 OpenVINO IR bundle (calibration.quantize --backend openvino)")
+    p.add_argument("--data", required=True, help="images (folder or CSV) for the agreement check and the timed image")
+    p.add_argument("--split", help="CSV split (use one not used for calibration, e.g. val)")
+    p.add_argument("--images", type=int, default=128, help="images for the top-1 agreement (default 128)")
+    p.add_argument("--runs", type=int, default=100, help=f"timed runs per level and config (>= {MIN_RUNS})")
+    p.add_argument("--warmup", type=int, default=10, help="untimed runs first (default 10)")
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads for every backend (default 1)")
+    p.add_argument("--json", help="also write the result as JSON to this file")
+    args = p.parse_args(argv)
+    if args.runs < MIN_RUNS:
+        p.error(f"--runs must be >= {MIN_RUNS}")
+    import onnxruntime
+    import openvino
+
+    try:
+        fp32, q_ort = load_bundle(args.fp32), load_bundle(args.int8_ort)
+        q_ov = load_bundle(args.int8_ov) if args.int8_ov else None
+        records = read_image_list(args.data, args.split, limit=args.images)
+    except (BundleError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    images, kept, _ = load_images(records, fp32.preprocessing)
+    patches = images_to_levels(images, fp32.preprocessing)
+    configs = {"onnxruntime fp32": (fp32, "onnxruntime"), "onnxruntime int8": (q_ort, "onnxruntime"),
+               "openvino fp32": (fp32, "openvino")}
+    if q_ov is not None:
+        configs["openvino int8"] = (q_ov, "openvino")
+    latency = level_latency(configs, [p[:1] for p in patches], args.threads, args.runs, args.warmup)
+    agreement = {"onnxruntime": [e["top1_agreement"] for e in compare(fp32, q_ort, patches, progress=False)["levels"]]}
+    if q_ov is not None:
+        agreement["openvino"] = [e["top1_agreement"]
+                                 for e in compare(fp32, q_ov, patches, "openvino", progress=False)["levels"]]
+    result = {"setup": {"cpu": cpu_name(), "threads": args.threads, "runs": args.runs, "warmup": args.warmup,
+                        "batch": 1, "data": f"{args.data}" + (f" ({args.split})" if args.split else ""),
+                        "agreement_images": len(kept), "bundles": {n: str(b.path) for n, (b, _) in configs.items()},
+                        "versions": {"onnxruntime": onnxruntime.__version__, "openvino": openvino.__version__}},
+              "latency": latency, "agreement": agreement}
+    print(markdown(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""fp32 vs int8 on held-out images: top-1 agreement and embedding cosine per level (each level forced), and the cascade
+(label and exit level with the bundle's gate thresholds)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from runtime.bundle import Bundle
+from runtime.cascade import Cascade
+
+CHUNK = 32
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    return (a * b).sum(1) / np.maximum(na * nb, 1e-12)
+
+
+def _run(cascade: Cascade, patches: list[np.ndarray], progress: bool, desc: str):
+    """(per-level embeddings [L][N, D], cascade labels [N], exit levels [N]) in chunks of CHUNK rows."""
+    n = patches[0].shape[0]
+    embs: list[list[np.ndarray]] = [[] for _ in range(cascade.bundle.num_levels)]
+    labels, exits = [], []
+    for i in tqdm(range(0, n, CHUNK), desc=desc, unit="batch", disable=not progress):
+        chunk = [p[i:i + CHUNK] for p in patches]
+        for k, e in enumerate(cascade.run_all_levels(chunk)):
+            embs[k].append(e)
+        results = cascade.classify_levels(chunk)
+        labels += [r.label for r in results]
+        exits += [r.exit_level for r in results]
+    return [np.concatenate(e) for e in embs], np.array(labels), np.array(exits)
+
+
+def compare(fp32: Bundle, int8: Bundle, patches: list[np.ndarray], int8_backend: str = "onnxruntime",
+            true_labels: Sequence[str | None] | None = None, progress: bool = True) -> dict:
+    """Compare the int8 bundle (run by ``int8_backend``) with the fp32 bundle (ONNX Runtime CPU) on ``patches``."""
+    ref = Cascade(fp32, "onnxruntime", providers=["CPUExecutionProvider"])
+    q_opts = {"providers": ["CPUExecutionProvider"]} if int8_backend == "onnxruntime" else {}
+    got = Cascade(int8, int8_backend, **q_opts)
+    ref_emb, ref_lab, ref_exit = _run(ref, patches, progress, "eval fp32")
+    q_emb, q_lab, q_exit = _run(got, patches, progress, f"eval int8 ({int8_backend})")
+    labels = np.array(fp32.labels)
+    known = true_labels is not None and all(t in set(fp32.labels) for t in true_labels)
+    levels = []
+    for k, (a, b) in enumerate(zip(ref_emb, q_emb)):
+        pa, pb = ref.probabilities(a).argmax(1), got.probabilities(b).argmax(1)
+        cos = _cosine(a, b)
+        entry = {"level": k, "top1_agreement": float((pa == pb).mean()), "cosine_mean": float(cos.mean()),
+                 "cosine_min": float(cos.min()), "embedding_max_abs_diff": float(np.abs(a - b).max())}
+        if known:
+            truth = np.array(true_labels)
+            entry["accuracy_fp32"] = float((labels[pa] == truth).mean())
+            entry["accuracy_int8"] = float((labels[pb] == truth).mean())
+        levels.append(entry)
+    cum = [lv["cumulative_gflops"] for lv in fp32.manifest["levels"]]
+    return {
+        "images": int(patches[0].shape[0]),
+        "int8_backend": int8_backend,
+        "reference": "fp32 bundle, onnxruntime CPUExecutionProvider",
+        "levels": levels,
+        "min_top1_agreement": min(e["top1_agreement"] for e in levels),
+        "cascade": {"thresholds": ref.thresholds,
+                    "label_agreement": float((ref_lab == q_lab).mean()),
+                    "exit_level_agreement": float((ref_exit == q_exit).mean()),
+                    "agreement": float(((ref_lab == q_lab) & (ref_exit == q_exit)).mean()),
+                    "mean_exit_level_fp32": float(ref_exit.mean()), "mean_exit_level_int8": float(q_exit.mean()),
+                    "gflops_per_image_fp32": float(np.mean([cum[e] for e in ref_exit])),
+                    "gflops_per_image_int8": float(np.mean([cum[e] for e in q_exit]))},
+    }
+
+
+def format_table(report: dict) -> str:
+    """The comparison as a Markdown table plus a cascade line."""
+    acc = "accuracy_fp32" in report["levels"][0]
+    head = "| level | top-1 agreement | cosine mean | cosine min |" + (" acc fp32 | acc int8 |" if acc else "")
+    rows = [head, "|" + "---|" * (head.count("|") - 1)]
+    for e in report["levels"]:
+        row = f"| {e['level']} | {e['top1_agreement']:.2%} | {e['cosine_mean']:.5f} | {e['cosine_min']:.5f} |"
+        if acc:
+            row += f" {e['accuracy_fp32']:.2%} | {e['accuracy_int8']:.2%} |"
+        rows.append(row)
+    c = report["cascade"]
+    rows.append(f"cascade (thresholds {', '.join(f'{t:g}' for t in c['thresholds'])}): label agreement "
+                f"{c['label_agreement']:.2%}, exit-level agreement {c['exit_level_agreement']:.2%}, mean exit level "
+                f"{c['mean_exit_level_fp32']:.2f} fp32 / {c['mean_exit_level_int8']:.2f} int8 "
+                f"({report['images']} held-out images, int8 on {report['int8_backend']})")
+    return "\n".join(rows)
