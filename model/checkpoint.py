@@ -45,7 +45,10 @@ def save_checkpoint(path: str | os.PathLike, model: WaveCLIP, head: dict, teache
     }
     if train_state is not None:
         ckpt["train_state"] = train_state
-    path = Path(path)
+    _atomic_save(ckpt, Path(path))
+
+
+def _atomic_save(ckpt: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -93,3 +96,13 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[WaveCLIP, dict]:
     except (ValueError, RuntimeError, TypeError) as e:
         raise CheckpointError(f"{path}: config and weights do not fit ({str(e).splitlines()[0][:200]})") from None
     return model.eval(), ckpt
+
+
+def publish_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, half: bool = True) -> None:
+    """Copy a checkpoint for shipping: no optimizer/train state, weights stored in fp16 (loaded back as fp32)."""
+    ckpt = read_checkpoint(src)
+    ckpt.pop("train_state", None)
+    if half:
+        ckpt["state_dict"] = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
+        ckpt["provenance"] = {**ckpt.get("provenance", {}), "stored_dtype": "float16"}
+    _atomic_save(ckpt, Path(dst))

@@ -128,3 +128,19 @@ def test_checkpoint_refusals(tmp_path):
 class Evil:
     def __reduce__(self):
         return (print, ("pwned",))
+
+
+def test_published_checkpoint_is_half_and_loads_as_fp32(tmp_path):
+    from model.checkpoint import publish_checkpoint
+
+    cfg = get_preset("waveclip-tiny")
+    model = WaveCLIP(cfg).eval()
+    src, dst = tmp_path / "full.pt", tmp_path / "pub.pt"
+    save_checkpoint(src, model, _head(), teacher="t", train_state={"step": 3, "opt": {"x": torch.ones(3)}})
+    publish_checkpoint(src, dst)
+    assert dst.stat().st_size < 0.6 * src.stat().st_size
+    loaded, ckpt = load_checkpoint(dst)
+    assert "train_state" not in ckpt and next(loaded.parameters()).dtype == torch.float32
+    p = random_levels(cfg)
+    with torch.no_grad():
+        assert (model(p)[3] - loaded(p)[3]).abs().max() < 1e-2
