@@ -26,7 +26,7 @@ class OnnxRuntimeBackend:
     name = "onnxruntime"
 
     def __init__(self, bundle: Bundle, providers: list[str] | None = None, threads: int | None = None,
-                 io_binding: bool = True, graph_optimization: bool = True) -> None:
+                 io_binding: bool = True, graph_optimization: bool = True, spinning: bool = False) -> None:
         self.bundle = bundle
         self.providers = providers or default_providers()
         self.io_binding = io_binding
@@ -37,6 +37,8 @@ class OnnxRuntimeBackend:
         opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if graph_optimization
                                          else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
         opts.log_severity_level = 3
+        # One session per level: spinning worker threads of idle sessions would fight the running one for cores.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         try:
             self.sessions = [ort.InferenceSession(str(bundle.level_path(k)), opts, providers=self.providers)
                              for k in range(bundle.num_levels)]
