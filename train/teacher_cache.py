@@ -1,0 +1,103 @@
+"""Teacher embeddings per image (and its horizontal flip), computed once and cached on disk in chunks.
+
+Layout: ``CACHE_DIR/teacher/<key>/chunk_00000.pt`` ([n, views, D] float16 each) + ``meta.json``. The key hashes the
+teacher spec, the image list (absolute paths, sizes, labels) and the views, so a second run, a resume, or an
+interrupted teacher pass picks up what is there and computes only the missing chunks.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from PIL import ImageOps
+from tqdm import tqdm
+
+from model.teachers import Teacher
+from runtime.data import ImageRecord, records_digest
+from runtime.preprocess import load_image
+
+CACHE_VERSION = 2  # 2: efficientnet-lite0 embeddings are centred
+CHUNK = 1024
+
+
+def default_cache_dir() -> Path:
+    """$WAVECLIP_CACHE, else ~/.cache/waveclip-edge."""
+    return Path(os.environ.get("WAVECLIP_CACHE") or Path.home() / ".cache" / "waveclip-edge").expanduser()
+
+
+def cache_key(teacher_spec: str, records: Sequence[ImageRecord], flip: bool, extra: str = "") -> str:
+    text = f"v{CACHE_VERSION}|{teacher_spec}|{extra}|flip={flip}|{records_digest(records)}"
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def _atomic_save(obj, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _load_chunk(path: Path, n: int, views: int, dim: int) -> torch.Tensor | None:
+    try:
+        t = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # missing or damaged chunk: recompute it
+        return None
+    return t if isinstance(t, torch.Tensor) and tuple(t.shape) == (n, views, dim) else None
+
+
+@torch.no_grad()
+def _encode(teacher: Teacher, records: Sequence[ImageRecord], flip: bool) -> torch.Tensor:
+    images = [load_image(r.path) for r in records]
+    if flip:
+        images += [ImageOps.mirror(im) for im in images]
+    emb = teacher.encode_image(teacher.preprocess(images)).float().cpu()
+    return emb.reshape(1 + flip, len(records), -1).transpose(0, 1)
+
+
+def teacher_embeddings(teacher: Teacher, records: Sequence[ImageRecord], cache_dir: str | os.PathLike, *,
+                       flip: bool = True, key_extra: str = "", batch_size: int = 64, progress: bool = True
+                       ) -> tuple[torch.Tensor, dict]:
+    """Raw teacher embeddings [N, views, D] float16 (views: the image, then its mirror when ``flip``) and stats:
+    {"key", "images", "computed" (images run through the teacher now), "seconds", "images_per_s" (computed images,
+    each with its flip, per second; None when all came from the cache)}."""
+    key = cache_key(teacher.name, records, flip, key_extra)
+    folder = Path(cache_dir).expanduser() / "teacher" / key
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {"teacher": teacher.name, "extra": key_extra, "images": len(records), "flip": flip,
+            "embed_dim": teacher.embed_dim, "chunk": CHUNK, "version": CACHE_VERSION}
+    (folder / "meta.json").write_text(json.dumps(meta, indent=1))
+    views, dim = 1 + flip, teacher.embed_dim
+    chunks, computed, seconds = [], 0, 0.0
+    bar = tqdm(total=len(records), desc="teacher", unit="img", disable=not progress, mininterval=1.0)
+    for start in range(0, len(records), CHUNK):
+        part = records[start:start + CHUNK]
+        path = folder / f"chunk_{start // CHUNK:05d}.pt"
+        emb = _load_chunk(path, len(part), views, dim)
+        if emb is None:
+            t0 = time.perf_counter()
+            pieces = []
+            for i in range(0, len(part), batch_size):
+                pieces.append(_encode(teacher, part[i:i + batch_size], flip))
+                bar.update(len(pieces[-1]))
+            emb = torch.cat(pieces).half()
+            seconds += time.perf_counter() - t0
+            computed += len(part)
+            _atomic_save(emb, path)
+        else:
+            bar.update(len(part))
+        chunks.append(emb)
+    bar.close()
+    out = torch.cat(chunks) if chunks else torch.zeros(0, views, dim, dtype=torch.float16)
+    stats = {"key": key, "images": len(records), "computed": computed, "seconds": round(seconds, 3),
+             "images_per_s": round(computed / seconds, 2) if computed else None}
+    return out, stats
