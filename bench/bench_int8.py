@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -23,21 +22,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from calibration.compare import compare  # noqa: E402
 from runtime.backends import create_backend  # noqa: E402
+from devices.machine import cpu_record  # noqa: E402
 from runtime.bundle import Bundle, BundleError, load_bundle  # noqa: E402
 from runtime.data import DataError, load_images, read_image_list  # noqa: E402
 from runtime.wavelet import images_to_levels  # noqa: E402
 
 MIN_RUNS = 50
 
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def level_latency(configs: dict[str, tuple[Bundle, str]], patches: list[np.ndarray], threads: int, runs: int,
@@ -121,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if q_ov is not None:
         agreement["openvino"] = [e["top1_agreement"]
                                  for e in compare(fp32, q_ov, patches, "openvino", progress=False)["levels"]]
-    result = {"setup": {"cpu": cpu_name(), "threads": args.threads, "runs": args.runs, "warmup": args.warmup,
+    result = {"setup": {"cpu": cpu_record()["model"], "threads": args.threads, "runs": args.runs, "warmup": args.warmup,
                         "batch": 1, "data": f"{args.data}" + (f" ({args.split})" if args.split else ""),
                         "agreement_images": len(kept), "bundles": {n: str(b.path) for n, (b, _) in configs.items()},
                         "versions": {"onnxruntime": onnxruntime.__version__, "openvino": openvino.__version__}},

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -29,6 +28,7 @@ from export.validate import find_images  # noqa: E402
 from model.checkpoint import load_checkpoint  # noqa: E402
 from model.config import WaveCLIPConfig  # noqa: E402
 from model.waveclip import WaveCLIP  # noqa: E402
+from devices.machine import cpu_record  # noqa: E402
 from runtime.bundle import load_bundle  # noqa: E402
 from runtime.preprocess import preprocess  # noqa: E402
 
@@ -53,15 +53,6 @@ def median_ms(jobs: list[tuple[ort.InferenceSession, dict]], runs: int, warmup: 
             t.append(time.perf_counter() - start)
     return [float(np.median(t)) * 1e3 for t in times]
 
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def bench(bundle_dir: Path, model: WaveCLIP, threads: int, runs: int, warmup: int) -> dict:
@@ -95,7 +86,7 @@ def bench(bundle_dir: Path, model: WaveCLIP, threads: int, runs: int, warmup: in
                      "cascade_ms": cascade_ms, "no_cache_cascade_ms": no_cache_ms,
                      "cascade_over_no_cache": cascade_ms / no_cache_ms})
     return {"model": cfg.name, "precision": m["precision"], "threads": threads, "batch": 1, "runs": runs,
-            "warmup": warmup, "onnxruntime": ort.__version__, "cpu": cpu_name(), "image": source, "rows": rows}
+            "warmup": warmup, "onnxruntime": ort.__version__, "cpu": cpu_record()["model"], "image": source, "rows": rows}
 
 
 def table(result: dict) -> str:

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from calibration.gate import measure_levels  # noqa: E402
 from calibration.gate_search import LevelStats, simulate  # noqa: E402
 from runtime.cascade import Cascade  # noqa: E402
-from runtime.data import load_images, read_image_list  # noqa: E402
+from runtime.data import read_image_list  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "models" / "waveclip-demo"
