@@ -23,7 +23,7 @@ from export.fp16 import to_fp16
 from export.graphs import DEFAULT_OPSET, EXPORTER, KINDS, PAST, PRESENT, export_level, level_io
 from export.optimize import optimize_graph, summarize
 from export.validate import find_images, format_table, tolerances, validate_bundle
-from export.weights import WEIGHTS_FILE, SharedWeights, save_graph
+from export.weights import SharedWeights, save_graph
 from model.checkpoint import CheckpointError, load_checkpoint
 from model.config import WaveCLIPConfig
 from runtime.bundle import (BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, BundleError, load_bundle, sha256_file,
