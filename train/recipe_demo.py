@@ -63,6 +63,20 @@ def step(name: str, cmd: list[str], log: dict) -> None:
     print(f"=== {name} took {log[name]['seconds']} s", flush=True)
 
 
+def record_expected(out: Path) -> dict:
+    """Labels and exit levels of the shipped images with each shipped bundle (the regression test's reference)."""
+    from runtime.cascade import Cascade
+    from runtime.preprocess import list_images
+
+    images = list_images([REPO / "examples" / "images"])
+    expected = {}
+    for name in ("bundle", "bundle-int8"):
+        results = Cascade(out / name).classify(images)
+        expected[name] = {p.name: {"label": r.class_name, "exit_level": r.exit_level} for p, r in zip(images, results)}
+    (out / "expected.json").write_text(json.dumps(expected, indent=2) + "\n")
+    return expected
+
+
 def main() -> int:
     p = argparse.ArgumentParser(prog="python -m train.recipe_demo", description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data", help="the shared data folder")
@@ -101,6 +115,7 @@ def main() -> int:
     step("quantize", ["-m", "calibration.quantize", str(bundle), "--data", str(splits), "--split", "calib",
                       "-o", str(int8), "--backend", "onnxruntime", "--samples", "256", "--eval-data", str(splits),
                       "--eval-split", "val", "--eval-samples", "1000", "--force"], log)
+    print(json.dumps(record_expected(args.out), indent=2))
     (args.out / "recipe.json").write_text(json.dumps(log, indent=2) + "\n")
     print(json.dumps(log, indent=2))
     return 0

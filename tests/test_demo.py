@@ -1,0 +1,57 @@
+"""The shipped demo model: checkpoint, fp32 and int8 bundles load, validate and classify the shipped images."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model.checkpoint import load_checkpoint
+from runtime.bundle import load_bundle, validate_manifest
+from runtime.cascade import Cascade
+from runtime.preprocess import list_images, preprocess
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "models" / "waveclip-demo"
+IMAGES = list_images([REPO / "examples" / "images"])
+
+
+@pytest.mark.parametrize("name", ["bundle", "bundle-int8"])
+def test_shipped_bundles_load_with_checked_sha256_and_schema(name):
+    bundle = load_bundle(DEMO / name)  # verifies every file's sha256
+    validate_manifest(bundle.manifest)
+    assert bundle.manifest["gate"]["source"] == "calibrated"
+    assert bundle.manifest["precision"] == ("int8" if name == "bundle-int8" else "fp32")
+    assert len(bundle.labels) == 200
+
+
+def test_shipped_bundle_matches_shipped_checkpoint():
+    """Parity: the fp32 graphs reproduce the checkpoint's PyTorch embeddings on the shipped images."""
+    model, ckpt = load_checkpoint(DEMO / "ckpt.pt")
+    bundle = load_bundle(DEMO / "bundle")
+    assert bundle.manifest["export"]["checkpoint_sha256"] == __import__("runtime.bundle").bundle.sha256_file(DEMO / "ckpt.pt")
+    levels = preprocess(IMAGES, bundle.preprocessing)
+    with torch.no_grad():
+        ref = model([torch.from_numpy(x) for x in levels])
+    got = Cascade(bundle).run_all_levels(levels)
+    for k, (a, b) in enumerate(zip(ref, got)):
+        assert np.abs(a.numpy() - b).max() <= 1e-4, k
+
+
+@pytest.mark.parametrize("name", ["bundle", "bundle-int8"])
+def test_shipped_images_classify_as_recorded(name):
+    """Labels and exit levels with the shipped thresholds equal what was recorded when the model was shipped."""
+    expected = json.loads((DEMO / "expected.json").read_text())[name]
+    results = Cascade(DEMO / name).classify(IMAGES)
+    got = {p.name: {"label": r.class_name, "exit_level": r.exit_level} for p, r in zip(IMAGES, results)}
+    assert got == expected
+
+
+def test_demo_command_runs():
+    out = subprocess.run([sys.executable, "demo.py", "--out", str(REPO / "out" / "test-demo")], cwd=REPO,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "validation PASSED" in out.stdout
+    assert out.stdout.count("compute saved") == 2
