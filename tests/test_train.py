@@ -1,0 +1,143 @@
+import csv
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from model.checkpoint import load_checkpoint
+from train import distill
+from train.losses import distill_loss, kl_distill, lr_at
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEACHER = "open_clip:ViT-Tiny-Test"
+WNIDS = ["n01440764", "n01443537", "n01484850", "n01491361"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """32 generated 48x56 PNGs over 4 ImageNet wnids (24 train, 8 val) + one corrupt train file; labels.csv."""
+    root = tmp_path_factory.mktemp("train_data")
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:48, 0:56]
+    rows = []
+    for i in range(32):
+        colour = np.array([i * 7 % 255, 60 * (i % 4), 255 - i * 5], np.float32)
+        wave = 40 * np.sin(xx / (2 + i % 4) + yy / (3 + i % 5))[..., None]
+        img = (colour + wave + rng.normal(0, 10, (48, 56, 3))).clip(0, 255).astype(np.uint8)
+        Image.fromarray(img).save(root / f"{i}.png")
+        rows.append([f"{i}.png", WNIDS[i % 4], "train" if i < 24 else "val"])
+    (root / "broken.png").write_bytes(b"not an image")
+    rows.append(["broken.png", WNIDS[0], "train"])
+    with open(root / "labels.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["path", "wnid", "split"], *rows])
+    return root
+
+
+def argv(data, out, *extra):
+    return ["--teacher", TEACHER, "--data", str(data / "labels.csv"), "--split", "train", "--preset", "waveclip-tiny",
+            "--out", str(out), "--batch-size", "8", "--threads", "1", "--cache-dir", str(data / "cache"), *extra]
+
+
+def test_losses_and_schedule():
+    t = torch.randn(4, 8)
+    parts = distill_loss([t * 2, -t], t, [0.5, 0.5], logits=lambda e: e @ torch.eye(8), kl_weight=1.0)
+    assert parts.cosine == pytest.approx([0.0, 2.0], abs=1e-6) and parts.kl[1] > 0 and parts.kl[0] > 0
+    assert kl_distill(t, t, 2.0).item() == pytest.approx(0.0, abs=1e-6)
+    assert lr_at(0, 100, 1.0, 10) == pytest.approx(0.1) and lr_at(10, 100, 1.0, 10) == pytest.approx(1.0)
+    assert lr_at(100, 100, 1.0, 10) == pytest.approx(0.0)
+
+
+def test_tiny_run_writes_checkpoint_with_head_and_provenance(data, tmp_path, capsys):
+    out = tmp_path / "ckpt.pt"
+    assert distill.main(argv(data, out, "--steps", "4", "--save-every", "2",
+                             "--eval-data", str(data / "labels.csv"), "--eval-split", "val")) == 0
+    assert "skipped 1 unreadable image(s)" in capsys.readouterr().out
+    model, ckpt = load_checkpoint(out)
+    assert model.config.name == "waveclip-tiny" and model.config.embed_dim == 64  # the teacher's
+    head = ckpt["head"]
+    assert head["labels"] == WNIDS and head["class_names"][0] == "tench" and head["weight"].shape == (4, 64)
+    prov = ckpt["provenance"]
+    assert prov["teacher"] == TEACHER and prov["init"] == f"vit:{TEACHER}" and prov["steps"] == 4
+    assert prov["data"]["images"] == 24 and prov["data"]["skipped"] == 1 and prov["images_per_s"] > 0
+    assert len(prov["final_losses"]["cosine"]) == 4 and prov["teacher_cache"]["key"]
+    ev = prov["eval"]
+    assert ev["images"] == 8 and ev["labelled"] == 8 and len(ev["student_top1"]) == 4 and 0 <= ev["teacher_top1"] <= 1
+    assert ckpt["train_state"]["step"] == 4 and ckpt["train_state"]["optimizer"]["state"]
+
+
+def test_same_seed_same_weights_and_exact_resume(data, tmp_path):
+    a, b, c, d = (tmp_path / f"{n}.pt" for n in "abcd")
+    assert distill.main(argv(data, a, "--steps", "4", "--seed", "3")) == 0
+    assert distill.main(argv(data, b, "--steps", "4", "--seed", "3")) == 0
+    assert distill.main(argv(data, c, "--steps", "4", "--seed", "4")) == 0
+    sa, sb, sc = (load_checkpoint(p)[1]["state_dict"] for p in (a, b, c))
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+    # interrupted after 2 of 4 steps, then --resume: identical to the uninterrupted run
+    distill.run(distill.parse_args(argv(data, d, "--steps", "4", "--seed", "3")), stop_after=2)
+    assert load_checkpoint(d)[1]["train_state"]["step"] == 2
+    assert distill.main(argv(data, d, "--steps", "4", "--seed", "3", "--resume")) == 0
+    _, ckpt = load_checkpoint(d)
+    assert ckpt["provenance"]["steps"] == 4 and ckpt["provenance"]["images_seen"] == 32
+    assert all(torch.equal(sa[k], ckpt["state_dict"][k]) for k in sa)
+
+
+def test_resume_adds_steps(data, tmp_path):
+    out = tmp_path / "r.pt"
+    assert distill.main(argv(data, out, "--steps", "2")) == 0
+    assert distill.main(argv(data, out, "--steps", "5", "--resume")) == 0
+    prov = load_checkpoint(out)[1]["provenance"]
+    assert prov["steps"] == 5 and prov["images_seen"] == 40
+
+
+def test_bad_input_exits_2_with_one_line(data, tmp_path):
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "x.png").write_bytes(b"junk")
+    out = str(tmp_path / "o.pt")
+    base = ["--preset", "waveclip-tiny", "--out", out, "--steps", "1", "--cache-dir", str(tmp_path / "cache")]
+    cases = {
+        "no such data folder": ["--teacher", TEACHER, "--data", str(tmp_path / "missing"), *base],
+        "no readable images": ["--teacher", TEACHER, "--data", str(tmp_path / "corrupt"), *base],
+        "unknown teacher spec": ["--teacher", "resnet-9000", "--data", str(data / "labels.csv"), *base],
+        "unknown preset": ["--teacher", TEACHER, "--data", str(data / "labels.csv"), *base, "--preset", "nope"],
+        "preset/teacher width mismatch": ["--teacher", TEACHER, "--data", str(data / "labels.csv"), *base,
+                                          "--preset", "waveclip-b16"],
+    }
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
+    procs = {msg: subprocess.Popen([sys.executable, "-m", "train.distill", *args], cwd=REPO, env=env, text=True,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE) for msg, args in cases.items()}
+    for msg, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 2, (msg, stderr)
+        assert len(stderr.strip().splitlines()) == 1 and msg in stderr and "Traceback" not in stderr, (msg, stderr)
+
+
+@pytest.mark.slow
+def test_smoke_distillation_from_efficientnet_improves_level3_cosine(data_dir, tmp_path):
+    """waveclip-tiny from efficientnet-lite0 on 256 tiny-imagenet train images: the level-3 cosine to the teacher
+    on 64 held-out val images beats the initial model's."""
+    from model.teachers import load_teacher
+    from runtime.data import load_images, read_image_list
+    from train.evaluate import student_embeddings
+    from train.teacher_cache import teacher_embeddings
+
+    csv_path = str(data_dir / "tiny-imagenet-200" / "labels.csv")
+    common = ["--teacher", "efficientnet-lite0", "--data", csv_path, "--split", "train", "--limit", "256",
+              "--preset", "waveclip-tiny", "--batch-size", "32", "--cache-dir", str(tmp_path / "cache")]
+    assert distill.main([*common, "--out", str(tmp_path / "trained.pt"), "--steps", "80"]) == 0
+    assert distill.main([*common, "--out", str(tmp_path / "init.pt"), "--steps", "0"]) == 0
+
+    held_out = read_image_list(csv_path, split="val", limit=64, seed=1)
+    teacher = load_teacher("efficientnet-lite0")
+    target, _ = teacher_embeddings(teacher, held_out, tmp_path / "cache", flip=False, progress=False)
+    cosines = {}
+    for name in ("init", "trained"):
+        model, _ = load_checkpoint(tmp_path / f"{name}.pt")
+        images, kept, _ = load_images(held_out, model.config.preprocessing_spec())
+        level3 = student_embeddings(model, images)[3]
+        cosines[name] = torch.nn.functional.cosine_similarity(level3, target[:, 0].float(), dim=-1).mean().item()
+    assert cosines["trained"] > cosines["init"] + 0.1, cosines

@@ -1,0 +1,349 @@
+"""Distil a teacher into a WaveCLIP tower, all levels jointly.
+
+    python -m train.distill --teacher efficientnet-lite0 --data DIR_OR_CSV [--split train] --preset waveclip-demo \\
+        --out ckpt.pt [--epochs E | --steps S] [--eval-data DIR_OR_CSV --eval-split val]
+
+Loss = weighted mean over levels of (1 - cos(student level k, teacher)) + kl_weight * KL(teacher || student class
+softmax at temperature T) through the teacher's head. Teacher outputs (image and mirror, the only augmentation) are
+cached on disk; student inputs come from ``runtime.preprocess`` / ``runtime.wavelet``, the code the device runs.
+Initialisation rule: a student whose width, depth and heads equal the teacher ViT's starts from its weights
+(``WaveCLIP.init_from_vit``); presets in ``REQUIRES_VIT_INIT`` (waveclip-b16) refuse any other teacher.
+Batches and flips are a pure function of (seed, step), so ``--resume`` continues exactly where ``--out`` stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import logging
+import math
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from model.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
+from model.config import WaveCLIPConfig, get_preset
+from model.teachers import Teacher, TeacherError, imagenet_classes, load_teacher
+from model.waveclip import WaveCLIP
+from runtime.data import DataError, ImageRecord, load_images, read_image_list, records_digest
+from runtime.preprocess import ImageError
+from runtime.wavelet import images_to_levels
+from train.evaluate import evaluate, head_rows
+from train.losses import distill_loss, lr_at
+from train.teacher_cache import default_cache_dir, teacher_embeddings
+
+REQUIRES_VIT_INIT = {"waveclip-b16"}  # too big to learn from scratch on a distillation set
+NO_DECAY = {"cls_token", "level_embed", "pos_embed", "cls_pos_embed"}
+LR_SCRATCH, LR_VIT_INIT = 2e-3, 1e-4  # default peak learning rates
+LOSS_WINDOW = 50  # steps averaged into the reported final losses
+
+
+class DistillError(ValueError):
+    """A bad combination of arguments; the message is one line."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m train.distill", description=__doc__.split("\n\n")[0])
+    p.add_argument("--teacher", required=True, help="efficientnet-lite0 | open_clip:ARCH[:PRETRAINED_OR_PATH]")
+    p.add_argument("--data", required=True, help="image folder or CSV (path/file + optional wnid/label, split)")
+    p.add_argument("--split", help="rows of the CSV's split column to use (e.g. train)")
+    p.add_argument("--limit", type=int, help="use a deterministic, class-balanced subset of N images")
+    p.add_argument("--preset", required=True, help="waveclip-b16 | waveclip-demo | waveclip-tiny")
+    p.add_argument("--out", required=True, type=Path, help="checkpoint to write (and to --resume from)")
+    p.add_argument("--labels", help="imagenet1k | from-data | FILE (one wnid or class name a line); "
+                                    "default: from-data when the data has labels, else imagenet1k")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--epochs", type=float, help="passes over the data (default 1)")
+    budget.add_argument("--steps", type=int, help="total optimizer steps (instead of --epochs)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, help=f"peak learning rate (default {LR_SCRATCH} from scratch, {LR_VIT_INIT} "
+                                          "when starting from the teacher's ViT)")
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--warmup", type=int, help="warmup steps (default 5%% of the steps)")
+    p.add_argument("--clip-grad", type=float, default=1.0, help="max gradient norm (0: off)")
+    p.add_argument("--kl-weight", type=float, default=0.0, help="weight of the KL term on the head's logits")
+    p.add_argument("--temperature", type=float, default=2.0, help="softmax temperature of the KL term")
+    p.add_argument("--level-weights", help="comma-separated weight per level (default equal)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from --out's train_state")
+    p.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps (0: only at the end)")
+    p.add_argument("--cache-dir", type=Path, help=f"teacher output cache (default $WAVECLIP_CACHE or {default_cache_dir()})")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--device", default="cpu", help="torch device for teacher and student")
+    p.add_argument("--teacher-batch-size", type=int, default=64)
+    p.add_argument("--eval-data", help="held-out folder or CSV for per-level cosine and top-1")
+    p.add_argument("--eval-split")
+    p.add_argument("--eval-limit", type=int)
+    args = p.parse_args(argv)
+    for name in ("batch_size", "teacher_batch_size", "threads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    return args
+
+
+# --- setup --------------------------------------------------------------------------------------------------------------
+def choose_labels(arg: str | None, records: list[ImageRecord], source: str) -> list[str]:
+    """The head's label set: the data's sorted labels, all ImageNet-1k wnids, or a file's lines."""
+    data_labels = sorted({r.label for r in records if r.label is not None})
+    if arg is None:
+        arg = "from-data" if data_labels else "imagenet1k"
+    if arg == "imagenet1k":
+        return [wnid for _, wnid, _ in imagenet_classes()]
+    if arg == "from-data":
+        if not data_labels:
+            raise DistillError(f"--labels from-data: {source} has no label column (wnid or label)")
+        return data_labels
+    path = Path(arg).expanduser()
+    if not path.is_file():
+        raise DistillError(f"--labels {arg}: expected imagenet1k, from-data or an existing file")
+    labels = [s for s in (line.strip() for line in path.read_text(encoding="utf-8").splitlines())
+              if s and not s.startswith("#")]
+    if not labels:
+        raise DistillError(f"--labels {arg}: the file lists no labels")
+    return labels
+
+
+def init_student(cfg: WaveCLIPConfig, teacher: Teacher, preset: str) -> tuple[WaveCLIP, str]:
+    """A new student; from the teacher's ViT weights when width, depth and heads match (see module docstring)."""
+    model = WaveCLIP(cfg)
+    vit = teacher.vit_state()
+    if vit is not None:
+        vit.setdefault("width", teacher.width)
+        shape = (vit["width"], len(vit["blocks"]), vit.get("heads", cfg.heads))
+        if shape == (cfg.width, cfg.layers, cfg.heads):
+            model.init_from_vit(vit)
+            return model, f"vit:{teacher.name}"
+    if preset in REQUIRES_VIT_INIT:
+        what = "not a ViT" if vit is None else "a ViT of width {}, {} layers, {} heads".format(*shape)
+        raise DistillError(f"preset/teacher width mismatch: {preset} (width {cfg.width}, {cfg.layers} layers, "
+                           f"{cfg.heads} heads) must start from a ViT teacher of the same shape; {teacher.name} is {what}")
+    return model, "scratch"
+
+
+def level_weights(arg: str | None, levels: int) -> list[float]:
+    if arg is None:
+        return [1.0 / levels] * levels
+    try:
+        w = [float(x) for x in arg.split(",")]
+    except ValueError:
+        raise DistillError(f"--level-weights {arg!r}: expected {levels} comma-separated numbers") from None
+    if len(w) != levels or min(w) < 0 or sum(w) <= 0:
+        raise DistillError(f"--level-weights {arg!r}: expected {levels} non-negative numbers with a positive sum")
+    return [x / sum(w) for x in w]
+
+
+def param_groups(model: WaveCLIP, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or name in NO_DECAY else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def batch_at(step: int, n: int, batch_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices and mirror flags of the batch at ``step``: epoch ``step // (n // batch_size)`` is a seeded permutation."""
+    per_epoch = max(1, n // batch_size)
+    epoch, j = divmod(step, per_epoch)
+    rng = np.random.default_rng([seed, epoch])
+    perm, flips = rng.permutation(n), rng.random(n) < 0.5
+    idx = perm[j * batch_size:(j + 1) * batch_size]
+    return idx, flips[idx]
+
+
+def _plain(args: argparse.Namespace) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+
+
+def _load_set(source: str, split: str | None, limit: int | None, seed: int, spec: dict, what: str
+              ) -> tuple[np.ndarray, list[ImageRecord], int]:
+    records = read_image_list(source, split, limit, seed)
+    skipped: list[str] = []
+    arrays, kept, n_skipped = load_images(records, spec, on_skip=lambda r, why: skipped.append(why))
+    if n_skipped:
+        print(f"{what}: skipped {n_skipped} unreadable image(s) of {len(records)} (first: {skipped[0]})", flush=True)
+    if not kept:
+        raise DistillError(f"{what}: no readable images in {source}")
+    return arrays, kept, n_skipped
+
+
+# --- training -----------------------------------------------------------------------------------------------------------
+def run(args: argparse.Namespace, stop_after: int | None = None) -> dict:
+    """Distil as ``args`` say; returns the provenance saved in the checkpoint. ``stop_after`` ends this run after
+    that many steps with a resumable checkpoint, as an interruption would (for tests)."""
+    t_run = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        base_cfg = get_preset(args.preset)
+    except ValueError as e:
+        raise DistillError(str(e)) from None
+    if args.eval_data:
+        read_image_list(args.eval_data, args.eval_split, args.eval_limit, args.seed)  # fail early
+    resume = read_checkpoint(args.out) if args.resume and args.out.exists() else None
+    if args.resume and resume is None:
+        print(f"--resume: no checkpoint at {args.out} yet, starting from scratch", flush=True)
+    if resume is not None and ("train_state" not in resume or resume["teacher"] != args.teacher
+                               or resume["config"]["name"] != args.preset):
+        raise DistillError(f"--resume: {args.out} was not trained with teacher {args.teacher} and preset "
+                           f"{args.preset} (or has no train_state)")
+
+    spec = base_cfg.preprocessing_spec()  # embed_dim does not change the preprocessing
+    arrays, kept, n_skipped = _load_set(args.data, args.split, args.limit, args.seed, spec, "data")
+
+    torch.manual_seed(args.seed)
+    teacher = load_teacher(args.teacher, args.device)
+    cfg = base_cfg.replace(embed_dim=teacher.embed_dim)
+    torch.manual_seed(args.seed)
+    model, init = init_student(cfg, teacher, args.preset)
+    labels = choose_labels(args.labels, kept, str(args.data))
+    try:
+        head = teacher.head(labels)
+    except TeacherError as e:
+        raise DistillError(f"{e} (use --labels imagenet1k or a file of ImageNet wnids/class names)") from None
+    weights = level_weights(args.level_weights, cfg.num_levels)
+    if args.lr is None:
+        args.lr = LR_SCRATCH if init == "scratch" else LR_VIT_INIT
+
+    digest = records_digest(kept)
+    random_teacher = args.teacher.startswith("open_clip:") and args.teacher.count(":") == 1
+    cache_dir = args.cache_dir or default_cache_dir()
+    extra = f"seed={args.seed}" if random_teacher else ""  # a random teacher is a different teacher per seed
+    temb, tstats = teacher_embeddings(teacher, kept, cache_dir, flip=True, key_extra=extra,
+                                      batch_size=args.teacher_batch_size)
+    if tstats["computed"]:
+        print(f"teacher: {tstats['computed']} images (+ mirrors) in {tstats['seconds']:.1f} s, "
+              f"{tstats['images_per_s']} images/s", flush=True)
+
+    n, device = len(kept), torch.device(args.device)
+    bsz = min(args.batch_size, n)
+    per_epoch = max(1, n // bsz)
+    total = args.steps if args.steps is not None else math.ceil((args.epochs or 1.0) * per_epoch)
+    warmup = args.warmup if args.warmup is not None else max(1, round(0.05 * total))
+    model.to(device).train()
+    head_dev = type(head)(head.class_names, head.weight.to(device), head.bias.to(device), head.logit_scale)
+    opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr)
+    step, prior_wall, prior_train, images_seen = 0, 0.0, 0.0, 0
+    if resume is not None:
+        state = resume["train_state"]
+        if state["data_digest"] != digest:
+            raise DistillError(f"--resume: the images of {args.data} differ from those {args.out} was trained on")
+        model.load_state_dict(resume["state_dict"])
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        step, prior_wall, prior_train = state["step"], state["wall_time_s"], state["train_seconds"]
+        images_seen, init = state["images_seen"], resume["provenance"].get("init", init)
+        print(f"resumed {args.out} at step {step}", flush=True)
+
+    window: collections.deque = collections.deque(maxlen=LOSS_WINDOW)
+    for entry in (resume or {}).get("train_state", {}).get("loss_window", []):
+        window.append(entry)
+    head_dict = {"class_names": head.class_names, "labels": labels, "weight": head.weight, "bias": head.bias,
+                 "logit_scale": head.logit_scale}
+    train_seconds, seen_now = 0.0, 0
+
+    def provenance(eval_result: dict | None = None) -> dict:
+        mean = np.mean([w for w in window], axis=0).tolist() if window else None
+        L = cfg.num_levels
+        secs = prior_train + train_seconds
+        prov = {
+            "teacher": args.teacher, "teacher_embed_dim": teacher.embed_dim, "init": init, "preset": args.preset,
+            "data": {"source": str(args.data), "split": args.split, "limit": args.limit, "images": n,
+                     "skipped": n_skipped, "digest": digest},
+            "labels": {"source": args.labels or "default", "count": len(labels)},
+            "teacher_cache": {k: tstats[k] for k in ("key", "computed", "seconds", "images_per_s")},
+            "steps": step, "epochs": round(step * bsz / n, 3), "batch_size": bsz, "lr": args.lr,
+            "weight_decay": args.weight_decay, "warmup": warmup, "kl_weight": args.kl_weight,
+            "temperature": args.temperature, "level_weights": weights, "seed": args.seed, "device": str(device),
+            "threads": torch.get_num_threads(), "wall_time_s": round(prior_wall + time.perf_counter() - t_run, 2),
+            "train_seconds": round(secs, 2), "images_seen": images_seen,
+            "images_per_s": round(images_seen / secs, 2) if secs else None,
+            "final_losses": None if mean is None else {
+                "total": round(mean[0], 5), "cosine": [round(x, 5) for x in mean[1:1 + L]],
+                "kl": [round(x, 5) for x in mean[1 + L:]]},
+            "torch": str(torch.__version__), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "command": "python -m train.distill " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("distill.py") else None,
+        }
+        if eval_result is not None:
+            prov["eval"] = eval_result
+        return prov
+
+    def save(eval_result: dict | None = None) -> dict:
+        prov = provenance(eval_result)
+        state = {"step": step, "total_steps": total, "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
+                 "args": _plain(args), "data_digest": digest, "wall_time_s": prov["wall_time_s"],
+                 "train_seconds": prov["train_seconds"], "images_seen": images_seen, "loss_window": list(window)}
+        save_checkpoint(args.out, model, head_dict, args.teacher, prov, state)
+        return prov
+
+    bar = tqdm(total=total, initial=step, desc="distill", unit="step", mininterval=1.0)
+    start_step = step
+    try:
+        while step < total and (stop_after is None or step - start_step < stop_after):
+            t0 = time.perf_counter()
+            idx, flips = batch_at(step, n, bsz, args.seed)
+            x = arrays[idx]
+            x[flips] = x[flips, :, ::-1]
+            patches = [torch.from_numpy(p).to(device) for p in images_to_levels(x, spec)]
+            target = temb[torch.from_numpy(idx), torch.from_numpy(flips.astype(np.int64))].float().to(device)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, total, args.lr, warmup)
+            parts = distill_loss(model(patches), target, weights, head_dev.logits, args.kl_weight, args.temperature)
+            opt.zero_grad(set_to_none=True)
+            parts.total.backward()
+            if args.clip_grad:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+            opt.step()
+            step += 1
+            images_seen += len(idx)
+            seen_now += len(idx)
+            train_seconds += time.perf_counter() - t0
+            window.append([parts.total.item(), *parts.cosine, *parts.kl])
+            bar.update(1)
+            bar.set_postfix(loss=f"{parts.total.item():.4f}", img_s=f"{seen_now / train_seconds:.0f}", refresh=False)
+            if args.save_every and step % args.save_every == 0 and step < total:
+                save()
+    except KeyboardInterrupt:
+        bar.close()
+        save()
+        print(f"interrupted at step {step}; --resume continues from {args.out}", file=sys.stderr)
+        raise
+    bar.close()
+
+    eval_result = None
+    if args.eval_data and step >= total:
+        ev_arrays, ev_kept, ev_skipped = _load_set(args.eval_data, args.eval_split, args.eval_limit, args.seed,
+                                                   spec, "eval-data")
+        ev_temb, _ = teacher_embeddings(teacher, ev_kept, cache_dir, flip=False, key_extra=extra,
+                                        batch_size=args.teacher_batch_size)
+        eval_result = {"source": str(args.eval_data), "split": args.eval_split, "skipped": ev_skipped,
+                       **evaluate(model, ev_arrays, ev_temb[:, 0], head_dev, head_rows(labels, [r.label for r in ev_kept]),
+                                  device)}
+    prov = save(eval_result)
+    summary = f"step {step}/{total}: {prov['images_per_s']} images/s"
+    if prov["final_losses"]:
+        summary += f", loss {prov['final_losses']['total']:.4f}, cosine distance per level {prov['final_losses']['cosine']}"
+    if eval_result:
+        summary += (f"; eval cosine {eval_result['cosine']}, student top-1 {eval_result['student_top1']}, "
+                    f"teacher top-1 {eval_result['teacher_top1']}")
+    print(f"{summary}; saved {args.out}", flush=True)
+    return prov
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stdout, format="%(levelname)s: %(message)s")
+    try:
+        run(args)
+    except (DistillError, DataError, TeacherError, CheckpointError, ImageError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

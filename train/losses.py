@@ -1,0 +1,52 @@
+"""Distillation losses: per-level cosine distance to the teacher embedding, plus optional KL on the head's logits."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def cosine_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean of 1 - cos(student, teacher) over the batch (neither needs to be normalised)."""
+    return (1.0 - F.cosine_similarity(student.float(), teacher.float(), dim=-1)).mean()
+
+
+def kl_distill(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(softmax(teacher/T) || softmax(student/T)) * T**2, averaged over the batch (Hinton et al.)."""
+    t = temperature
+    return F.kl_div(F.log_softmax(student_logits / t, dim=-1), F.log_softmax(teacher_logits / t, dim=-1),
+                    log_target=True, reduction="batchmean") * (t * t)
+
+
+@dataclass
+class LossParts:
+    total: torch.Tensor
+    cosine: list[float]  # per level
+    kl: list[float]  # per level (zeros when kl_weight == 0)
+
+
+def distill_loss(student: Sequence[torch.Tensor], teacher: torch.Tensor, level_weights: Sequence[float],
+                 logits: Callable[[torch.Tensor], torch.Tensor] | None = None, kl_weight: float = 0.0,
+                 temperature: float = 1.0) -> LossParts:
+    """Weighted mean over levels of cosine distance (+ ``kl_weight`` x KL through ``logits``, the head)."""
+    use_kl = kl_weight > 0 and logits is not None
+    teacher_logits = logits(teacher).detach() if use_kl else None
+    total, cos_parts, kl_parts = student[0].new_zeros(()), [], []
+    for w, s in zip(level_weights, student):
+        cos = cosine_distance(s, teacher)
+        kl = kl_distill(logits(s), teacher_logits, temperature) if use_kl else cos.new_zeros(())
+        total = total + w * (cos + kl_weight * kl)
+        cos_parts.append(cos.item())
+        kl_parts.append(kl.item())
+    return LossParts(total, cos_parts, kl_parts)
+
+
+def lr_at(step: int, total: int, base_lr: float, warmup: int, min_ratio: float = 0.0) -> float:
+    """Linear warmup for ``warmup`` steps, then cosine decay to ``min_ratio * base_lr`` at ``total``."""
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
