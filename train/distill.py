@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from model.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from model.config import WaveCLIPConfig, get_preset
-from model.teachers import Teacher, TeacherError, imagenet_classes, load_teacher
+from model.teachers import Head, Teacher, TeacherError, imagenet_classes, load_teacher
 from model.waveclip import WaveCLIP
 from runtime.data import DataError, ImageRecord, load_images, read_image_list, records_digest
 from runtime.preprocess import ImageError
@@ -208,11 +208,8 @@ def run(args: argparse.Namespace, stop_after: int | None = None) -> dict:
         args.lr = LR_SCRATCH if init == "scratch" else LR_VIT_INIT
 
     digest = records_digest(kept)
-    random_teacher = args.teacher.startswith("open_clip:") and args.teacher.count(":") == 1
     cache_dir = args.cache_dir or default_cache_dir()
-    extra = f"seed={args.seed}" if random_teacher else ""  # a random teacher is a different teacher per seed
-    temb, tstats = teacher_embeddings(teacher, kept, cache_dir, flip=True, key_extra=extra,
-                                      batch_size=args.teacher_batch_size)
+    temb, tstats = teacher_embeddings(teacher, kept, cache_dir, flip=True, batch_size=args.teacher_batch_size)
     if tstats["computed"]:
         print(f"teacher: {tstats['computed']} images (+ mirrors) in {tstats['seconds']:.1f} s, "
               f"{tstats['images_per_s']} images/s", flush=True)
@@ -223,7 +220,7 @@ def run(args: argparse.Namespace, stop_after: int | None = None) -> dict:
     total = args.steps if args.steps is not None else math.ceil((args.epochs or 1.0) * per_epoch)
     warmup = args.warmup if args.warmup is not None else max(1, round(0.05 * total))
     model.to(device).train()
-    head_dev = type(head)(head.class_names, head.weight.to(device), head.bias.to(device), head.logit_scale)
+    head_dev = Head(head.class_names, head.weight.to(device), head.bias.to(device), head.logit_scale)
     opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr)
     step, prior_wall, prior_train, images_seen = 0, 0.0, 0.0, 0
     if resume is not None:
@@ -314,13 +311,7 @@ def run(args: argparse.Namespace, stop_after: int | None = None) -> dict:
 
     eval_result = None
     if args.eval_data and step >= total:
-        ev_arrays, ev_kept, ev_skipped = _load_set(args.eval_data, args.eval_split, args.eval_limit, args.seed,
-                                                   spec, "eval-data")
-        ev_temb, _ = teacher_embeddings(teacher, ev_kept, cache_dir, flip=False, key_extra=extra,
-                                        batch_size=args.teacher_batch_size)
-        eval_result = {"source": str(args.eval_data), "split": args.eval_split, "skipped": ev_skipped,
-                       **evaluate(model, ev_arrays, ev_temb[:, 0], head_dev, head_rows(labels, [r.label for r in ev_kept]),
-                                  device)}
+        eval_result = evaluate_on(args, model, teacher, head_dev, labels, cache_dir)
     prov = save(eval_result)
     summary = f"step {step}/{total}: {prov['images_per_s']} images/s"
     if prov["final_losses"]:
@@ -330,6 +321,17 @@ def run(args: argparse.Namespace, stop_after: int | None = None) -> dict:
                     f"teacher top-1 {eval_result['teacher_top1']}")
     print(f"{summary}; saved {args.out}", flush=True)
     return prov
+
+
+def evaluate_on(args: argparse.Namespace, model: WaveCLIP, teacher: Teacher, head: Head, labels: list[str],
+                cache_dir: Path) -> dict:
+    """Per-level cosine to the teacher and top-1 (student per level, teacher) on --eval-data."""
+    spec = model.config.preprocessing_spec()
+    arrays, kept, skipped = _load_set(args.eval_data, args.eval_split, args.eval_limit, args.seed, spec, "eval-data")
+    temb, _ = teacher_embeddings(teacher, kept, cache_dir, flip=False, batch_size=args.teacher_batch_size)
+    rows = head_rows(labels, [r.label for r in kept])
+    return {"source": str(args.eval_data), "split": args.eval_split, "skipped": skipped,
+            **evaluate(model, arrays, temb[:, 0], head, rows, args.device)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,8 +1,9 @@
 """Teacher embeddings per image (and its horizontal flip), computed once and cached on disk in chunks.
 
 Layout: ``CACHE_DIR/teacher/<key>/chunk_00000.pt`` ([n, views, D] float16 each) + ``meta.json``. The key hashes the
-teacher spec, the image list (absolute paths, sizes, labels) and the views, so a second run, a resume, or an
-interrupted teacher pass picks up what is there and computes only the missing chunks.
+teacher spec, a fingerprint of its outputs (so changed weights, code or a differently seeded random teacher miss the
+cache), the image list (absolute paths, sizes, labels) and the views; a second run, a resume, or an interrupted teacher
+pass picks up what is there and computes only the missing chunks.
 """
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
-from PIL import ImageOps
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from model.teachers import Teacher
@@ -29,6 +31,15 @@ CHUNK = 1024
 def default_cache_dir() -> Path:
     """$WAVECLIP_CACHE, else ~/.cache/waveclip-edge."""
     return Path(os.environ.get("WAVECLIP_CACHE") or Path.home() / ".cache" / "waveclip-edge").expanduser()
+
+
+@torch.no_grad()
+def teacher_fingerprint(teacher: Teacher) -> str:
+    """Coarse hash of the teacher's embedding of a fixed synthetic image (rounded, so thread counts do not matter)."""
+    y, x = np.mgrid[0:96, 0:96]
+    image = Image.fromarray(np.stack([x * 2, y * 2, (x + y) % 256], -1).astype(np.uint8))
+    emb = torch.nn.functional.normalize(teacher.encode_image(teacher.preprocess([image])).float().cpu(), dim=-1)
+    return hashlib.sha256(np.round(emb[0, :64].numpy(), 2).tobytes()).hexdigest()[:16]
 
 
 def cache_key(teacher_spec: str, records: Sequence[ImageRecord], flip: bool, extra: str = "") -> str:
@@ -70,7 +81,7 @@ def teacher_embeddings(teacher: Teacher, records: Sequence[ImageRecord], cache_d
     """Raw teacher embeddings [N, views, D] float16 (views: the image, then its mirror when ``flip``) and stats:
     {"key", "images", "computed" (images run through the teacher now), "seconds", "images_per_s" (computed images,
     each with its flip, per second; None when all came from the cache)}."""
-    key = cache_key(teacher.name, records, flip, key_extra)
+    key = cache_key(teacher.name, records, flip, f"{teacher_fingerprint(teacher)}|{key_extra}")
     folder = Path(cache_dir).expanduser() / "teacher" / key
     folder.mkdir(parents=True, exist_ok=True)
     meta = {"teacher": teacher.name, "extra": key_extra, "images": len(records), "flip": flip,
