@@ -15,9 +15,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import ImageOps
 from tqdm import tqdm
 
 from model.teachers import Teacher
@@ -35,11 +34,13 @@ def default_cache_dir() -> Path:
 
 @torch.no_grad()
 def teacher_fingerprint(teacher: Teacher) -> str:
-    """Coarse hash of the teacher's embedding of a fixed synthetic image (rounded, so thread counts do not matter)."""
-    y, x = np.mgrid[0:96, 0:96]
-    image = Image.fromarray(np.stack([x * 2, y * 2, (x + y) % 256], -1).astype(np.uint8))
-    emb = torch.nn.functional.normalize(teacher.encode_image(teacher.preprocess([image])).float().cpu(), dim=-1)
-    return hashlib.sha256(np.round(emb[0, :64].numpy(), 2).tobytes()).hexdigest()[:16]
+    """Hash of the teacher's weights and buffers (exact and cheap; changed weights or a differently seeded random
+    teacher miss the cache). Code changes that alter the embedding bump ``CACHE_VERSION``."""
+    h = hashlib.sha256()
+    for name, tensor in teacher.model.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def cache_key(teacher_spec: str, records: Sequence[ImageRecord], flip: bool, extra: str = "") -> str:
