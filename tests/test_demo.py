@@ -24,7 +24,7 @@ def test_shipped_bundles_load_with_checked_sha256_and_schema(name):
     validate_manifest(bundle.manifest)
     assert bundle.manifest["gate"]["source"] == "calibrated"
     assert bundle.manifest["precision"] == ("int8" if name == "bundle-int8" else "fp32")
-    assert len(bundle.labels) == 200
+    assert len(bundle.labels) == 202  # Tiny-ImageNet train classes (200 + 2 train-only)
 
 
 def test_shipped_bundle_matches_shipped_checkpoint():
