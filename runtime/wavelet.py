@@ -14,10 +14,20 @@ _YCBCR = np.array(
 _YCBCR_OFFSET = np.array([0.0, 128.0, 128.0], dtype=np.float32)
 
 
-def rgb_to_ycbcr(rgb: np.ndarray) -> np.ndarray:
-    """BT.601 full-range (JPEG) YCbCr. ``rgb``: [..., H, W, 3] in 0..255 -> [..., 3, H, W] float32 in 0..255."""
-    ycc = np.asarray(rgb, dtype=np.float32) @ _YCBCR.T + _YCBCR_OFFSET
-    return np.moveaxis(ycc, -1, -3)
+def rgb_to_ycbcr(rgb: np.ndarray, scale: float = 1.0, offset: float = 0.0) -> np.ndarray:
+    """BT.601 full-range (JPEG) YCbCr. ``rgb``: [..., H, W, 3] in 0..255 -> [..., 3, H, W] float32 in 0..255,
+    then ``* scale + offset`` (folded into the transform)."""
+    rgb = np.moveaxis(np.asarray(rgb, dtype=np.float32), -1, -3)
+    out = np.empty(rgb.shape, dtype=np.float32)
+    m = _YCBCR * np.float32(scale)
+    bias = _YCBCR_OFFSET * np.float32(scale) + np.float32(offset)
+    for c in range(3):
+        y = out[..., c, :, :]
+        np.multiply(rgb[..., 0, :, :], m[c, 0], out=y)
+        y += rgb[..., 1, :, :] * m[c, 1]
+        y += rgb[..., 2, :, :] * m[c, 2]
+        y += bias[c]
+    return out
 
 
 def ycbcr_to_rgb(ycc: np.ndarray) -> np.ndarray:
@@ -29,14 +39,22 @@ def ycbcr_to_rgb(ycc: np.ndarray) -> np.ndarray:
 def haar_dwt2(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """One 2D Haar step over the last two axes. Returns (LL [..., H/2, W/2], details [..., 3, H/2, W/2]).
 
-    Details are ordered (horizontal, vertical, diagonal) like PyWavelets' (cH, cV, cD).
+    Details are ordered (horizontal, vertical, diagonal) like PyWavelets' (cH, cV, cD). Computed separably (row sums
+    and differences, then column sums and differences) straight into the output arrays.
     """
     if x.shape[-1] % 2 or x.shape[-2] % 2:
         raise ValueError(f"Haar DWT needs even sides, got {x.shape[-2:]}")
-    a, b = x[..., 0::2, 0::2], x[..., 0::2, 1::2]
-    c, d = x[..., 1::2, 0::2], x[..., 1::2, 1::2]
-    ll = (a + b + c + d) * 0.5
-    details = np.stack([(a + b - c - d) * 0.5, (a - b + c - d) * 0.5, (a - b - c + d) * 0.5], axis=-3)
+    x = np.asarray(x)
+    half = np.float32(0.5) if x.dtype == np.float32 else 0.5
+    rows_sum = x[..., 0::2, :] + x[..., 1::2, :]
+    rows_diff = x[..., 0::2, :] - x[..., 1::2, :]
+    ll = rows_sum[..., 0::2] + rows_sum[..., 1::2]
+    ll *= half
+    details = np.empty(ll.shape[:-2] + (3,) + ll.shape[-2:], dtype=ll.dtype)
+    np.add(rows_diff[..., 0::2], rows_diff[..., 1::2], out=details[..., 0, :, :])
+    np.subtract(rows_sum[..., 0::2], rows_sum[..., 1::2], out=details[..., 1, :, :])
+    np.subtract(rows_diff[..., 0::2], rows_diff[..., 1::2], out=details[..., 2, :, :])
+    details *= half
     return ll, details
 
 
@@ -91,7 +109,7 @@ def images_to_levels(rgb: np.ndarray, spec: dict) -> list[np.ndarray]:
     if rgb.shape[1:] != (size, size, 3):
         raise ValueError(f"expected images of shape [B, {size}, {size}, 3], got {list(rgb.shape)}")
     norm = spec["normalize"]
-    ycc = rgb_to_ycbcr(rgb) * np.float32(norm["scale"]) + np.float32(norm["offset"])
+    ycc = rgb_to_ycbcr(rgb, norm["scale"], norm["offset"])
     bands = wavedec2(ycc, spec["dwt_levels"])
     grid = spec["grid"]
     out = [patchify(bands[0][:, :, None], grid)]
