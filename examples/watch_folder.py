@@ -1,6 +1,6 @@
 """Watch a folder and classify every new image with a WaveCLIP bundle (runtime only: numpy + onnxruntime, no torch).
 
-    python examples/watch_folder.py BUNDLE INBOX/ [--labels "tabby cat,espresso,space shuttle"] [--once]
+    python examples/watch_folder.py BUNDLE INBOX/ [--labels "tabby cat,espresso,goldfish"] [--once]
 
 New files are classified as they appear (early exit: most stop at level 0); one line per image.
 """

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from model.checkpoint import load_checkpoint
-from runtime.bundle import load_bundle, validate_manifest
+from runtime.bundle import load_bundle, sha256_file, validate_manifest
 from runtime.cascade import Cascade
 from runtime.preprocess import list_images, preprocess
 
@@ -31,7 +31,8 @@ def test_shipped_bundle_matches_shipped_checkpoint():
     """Parity: the fp32 graphs reproduce the checkpoint's PyTorch embeddings on the shipped images."""
     model, ckpt = load_checkpoint(DEMO / "ckpt.pt")
     bundle = load_bundle(DEMO / "bundle")
-    assert bundle.manifest["export"]["checkpoint_sha256"] == __import__("runtime.bundle").bundle.sha256_file(DEMO / "ckpt.pt")
+    assert bundle.manifest["export"]["checkpoint"]["sha256"] == sha256_file(DEMO / "ckpt.pt")
+    assert bundle.manifest["export"]["validation"]["passed"]
     levels = preprocess(IMAGES, bundle.preprocessing)
     with torch.no_grad():
         ref = model([torch.from_numpy(x) for x in levels])
