@@ -45,15 +45,16 @@ def save_checkpoint(path: str | os.PathLike, model: WaveCLIP, head: dict, teache
     }
     if train_state is not None:
         ckpt["train_state"] = train_state
-    _atomic_save(ckpt, Path(path))
+    atomic_torch_save(ckpt, Path(path))
 
 
-def _atomic_save(ckpt: dict, path: Path) -> None:
+def atomic_torch_save(obj, path: Path) -> None:
+    """``torch.save`` to a temporary sibling, then rename: readers never see a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        torch.save(ckpt, tmp)
+        torch.save(obj, tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -105,4 +106,4 @@ def publish_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, half: boo
     if half:
         ckpt["state_dict"] = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
         ckpt["provenance"] = {**ckpt.get("provenance", {}), "stored_dtype": "float16"}
-    _atomic_save(ckpt, Path(dst))
+    atomic_torch_save(ckpt, Path(dst))

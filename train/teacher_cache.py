@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
@@ -19,6 +18,7 @@ import torch
 from PIL import ImageOps
 from tqdm import tqdm
 
+from model.checkpoint import atomic_torch_save
 from model.teachers import Teacher
 from runtime.data import ImageRecord, records_digest
 from runtime.preprocess import load_image
@@ -46,17 +46,6 @@ def teacher_fingerprint(teacher: Teacher) -> str:
 def cache_key(teacher_spec: str, records: Sequence[ImageRecord], flip: bool, extra: str = "") -> str:
     text = f"v{CACHE_VERSION}|{teacher_spec}|{extra}|flip={flip}|{records_digest(records)}"
     return hashlib.sha256(text.encode()).hexdigest()[:24]
-
-
-def _atomic_save(obj, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _load_chunk(path: Path, n: int, views: int, dim: int) -> torch.Tensor | None:
@@ -104,7 +93,7 @@ def teacher_embeddings(teacher: Teacher, records: Sequence[ImageRecord], cache_d
             emb = torch.cat(pieces).half()
             seconds += time.perf_counter() - t0
             computed += len(part)
-            _atomic_save(emb, path)
+            atomic_torch_save(emb, path)
         else:
             bar.update(len(part))
         chunks.append(emb)
