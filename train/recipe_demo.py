@@ -82,6 +82,8 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=REPO / "models" / "waveclip-demo", help="where the shipped files go")
     p.add_argument("--work", type=Path, default=REPO / "out" / "demo-work", help="scratch (full checkpoint, splits)")
     p.add_argument("--epochs", type=float, default=5)
+    p.add_argument("--resume-epochs", type=float, default=12,
+                   help="then --resume to this many epochs in all (the shipped model: 5, then 12)")
     p.add_argument("--limit", type=int, default=24000, help="class-balanced subset of the fit split to distil on")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -97,12 +99,14 @@ def main() -> int:
     log["splits"] = write_splits(args.data, splits)
     full = args.work / "ckpt-full.pt"
     if not args.skip_train:
-        step("distill", ["-m", "train.distill", "--teacher", "efficientnet-lite0", "--data", str(splits), "--split",
-                         "fit", "--limit", str(args.limit), "--preset", "waveclip-demo", "--out", str(full),
-                         "--epochs", str(args.epochs),
-                         "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--kl-weight", "1.0",
-                         "--threads", str(args.threads), "--eval-data", str(splits), "--eval-split", "val",
-                         "--eval-limit", "2000"], log)
+        distill = ["-m", "train.distill", "--teacher", "efficientnet-lite0", "--data", str(splits), "--split", "fit",
+                   "--limit", str(args.limit), "--preset", "waveclip-demo", "--out", str(full),
+                   "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--kl-weight", "1.0",
+                   "--threads", str(args.threads), "--eval-data", str(splits), "--eval-split", "val",
+                   "--eval-limit", "2000"]
+        step("distill", distill + ["--epochs", str(args.epochs)], log)
+        if args.resume_epochs > args.epochs:  # a warm restart of the cosine schedule, as the shipped model had
+            step("distill-resume", distill + ["--epochs", str(args.resume_epochs), "--resume"], log)
     args.out.mkdir(parents=True, exist_ok=True)
     bundle, int8 = args.out / "bundle", args.out / "bundle-int8"
     if args.from_step == "export":
