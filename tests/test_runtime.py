@@ -216,3 +216,31 @@ def test_example_app_once(tiny_bundle):
                           "--labels", "class 0,class 1,class 2"], cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("exit level") == len(EXAMPLES)
+
+
+def test_missing_backend_names_its_extra(tiny_bundle, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tensorrt(name, *args, **kwargs):
+        if name == "tensorrt" or name.startswith("tensorrt."):
+            raise ImportError("No module named 'tensorrt'", name="tensorrt")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorrt)
+    monkeypatch.delitem(sys.modules, "runtime.backends.tensorrt", raising=False)
+    with pytest.raises(BackendError, match=r"pip install 'waveclip-edge\[tensorrt\]'"):
+        Cascade(tiny_bundle, backend="tensorrt")
+
+
+@pytest.mark.gpu
+def test_tensorrt_matches_onnxruntime(tiny_bundle, images):
+    """Runs where an NVIDIA GPU, TensorRT and cuda-python exist; skips cleanly elsewhere."""
+    pytest.importorskip("tensorrt")
+    pytest.importorskip("cuda")
+    ref = Cascade(tiny_bundle, thresholds=1.01).classify_levels(
+        preprocess(images, load_bundle(tiny_bundle).preprocessing), keep_embeddings=True)
+    trt = Cascade(tiny_bundle, backend="tensorrt", thresholds=1.01, precision="fp32")
+    got = trt.classify_levels(preprocess(images, trt.bundle.preprocessing), keep_embeddings=True)
+    np.testing.assert_allclose(np.stack([r.embedding for r in got]), np.stack([r.embedding for r in ref]), atol=1e-3)
