@@ -10,7 +10,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
@@ -26,6 +25,7 @@ from runtime.backends import BACKENDS, BackendError, create_backend
 from runtime.bundle import MANIFEST, Bundle, BundleError, load_bundle
 from runtime.cascade import Cascade, margins
 from runtime.data import DataError, ImageRecord, load_images, read_image_list
+from runtime.timing import level_times
 from runtime.wavelet import images_to_levels
 
 
@@ -114,18 +114,7 @@ def measure_latency(bundle: Bundle, threads: int, provider: str, patches: list[n
 
     providers = [provider] if provider in ort.get_available_providers() else None
     backend = create_backend(bundle, "onnxruntime", providers=providers, threads=threads or None)
-    pasts = [None]
-    for k in range(bundle.num_levels - 1):
-        pasts.append(backend.run_level(k, patches[k], pasts[k])[1])
-    out = []
-    for k in range(bundle.num_levels):
-        times = []
-        for i in range(warmup + runs):
-            t0 = time.perf_counter()
-            backend.run_level(k, patches[k], pasts[k])
-            times.append((time.perf_counter() - t0) * 1e3)
-        out.append(float(np.median(times[warmup:])))
-    return np.array(out)
+    return np.array([np.median(t) for t in level_times(backend, patches, runs, warmup)])
 
 
 def write_gate(bundle_dir: str | os.PathLike, thresholds: Sequence[float], calibration: dict) -> None:

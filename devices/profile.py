@@ -38,6 +38,7 @@ from runtime.bundle import Bundle, BundleError, load_bundle
 from runtime.cascade import Cascade, Result
 from runtime.data import DataError, read_image_list
 from runtime.preprocess import ImageError, image_to_array
+from runtime.timing import level_times, time_calls
 from runtime.wavelet import images_to_levels
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,15 +93,8 @@ class Progress:
 
 
 def time_runs(fn: Callable[[], Any], runs: int, warmup: int, desc: str, progress: Progress) -> list[float]:
-    """``warmup`` untimed calls, then the ms of each of ``runs`` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in progress(range(runs), desc):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return times
+    """``warmup`` untimed calls, then the ms of each of ``runs`` calls (with a progress bar)."""
+    return time_calls(fn, runs, warmup, progress, desc)
 
 
 # --- setup --------------------------------------------------------------------------------------------------------
@@ -155,16 +149,10 @@ def load_real_images(source: str | os.PathLike, count: int, spec: dict, notes: l
 def level_latency(bundle: Bundle, backend, levels: list[np.ndarray], runs: int, warmup: int,
                   progress: Progress) -> list[dict]:
     """Each level alone at batch 1 on one real image, with the real KV cache of the levels before it."""
-    pasts: list[Any] = [None]
-    for k in range(bundle.num_levels - 1):
-        _, present = backend.run_level(k, levels[k], pasts[k])
-        pasts.append(backend.take_rows(present, np.arange(1)))  # own copy: stays valid while other levels run
-    rows = []
-    for k, lv in enumerate(bundle.manifest["levels"]):
-        times = time_runs(lambda: backend.run_level(k, levels[k], pasts[k]), runs, warmup, f"level {k}", progress)
-        rows.append({"level": k, "batch": 1, "gflops": _r(lv.get("gflops"), 5),
-                     "cumulative_gflops": _r(lv.get("cumulative_gflops"), 5), **summarize(times)})
-    return rows
+    times = level_times(backend, levels, runs, warmup, progress)
+    return [{"level": k, "batch": 1, "gflops": _r(lv.get("gflops"), 5),
+             "cumulative_gflops": _r(lv.get("cumulative_gflops"), 5), **summarize(t)}
+            for k, (lv, t) in enumerate(zip(bundle.manifest["levels"], times))]
 
 
 def cascade_latency(gated: Cascade, full: Cascade, paths: list[Path], spec: dict, warmup: int,
