@@ -29,6 +29,7 @@ from export.weights import SharedWeights, save_graph
 from runtime.bundle import (MANIFEST, Bundle, BundleError, load_bundle, sha256_file, staged_output,
                             validate_manifest, write_manifest)
 from runtime.data import DataError, ImageRecord, load_images, read_image_list, spread
+from runtime.errors import one_line
 from runtime.wavelet import images_to_levels
 
 BACKENDS = ("onnxruntime", "openvino", "tensorrt")
@@ -317,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except (QuantizeError, BundleError, DataError, OSError) as e:
-        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     print(format_table(report))
     size = sum(p.stat().st_size for p in Path(args.output).iterdir() if p.is_file())

@@ -17,6 +17,8 @@ from typing import Callable
 
 import numpy as np
 
+from runtime.errors import one_line
+
 BASELINE_NAME = "ViT-B-16"
 BASELINE_ARCH = "open_clip:ViT-B-16"
 CACHE_DIR = Path(os.environ.get("WAVECLIP_EDGE_CACHE", Path.home() / ".cache" / "waveclip-edge")) / "baselines"
@@ -139,7 +141,7 @@ class OnnxTimer:
             try:
                 self.session = ort.InferenceSession(str(self.path), opts, providers=providers)
             except Exception as e:
-                raise BaselineError(f"{self.path}: onnxruntime cannot load it: {str(e).splitlines()[0]}") from None
+                raise BaselineError(f"{self.path}: onnxruntime cannot load it: {one_line(e)}") from None
             inputs = self.session.get_inputs()
             if len(inputs) != 1:
                 raise BaselineError(f"{self.path}: a baseline graph must have exactly one input, it has {len(inputs)}")
@@ -167,7 +169,7 @@ class OnnxTimer:
                 raise
             except Exception as e:
                 raise BaselineError(f"{self.path}: openvino cannot compile it on {provider}: "
-                                    f"{str(e).splitlines()[0]}") from None
+                                    f"{one_line(e)}") from None
             self.request = self.compiled.create_infer_request()
         else:
             raise BaselineError(f"timing a plain ONNX baseline with backend {backend!r} is not supported here "

@@ -13,13 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from devices.profile_config import DeviceProfile, ProfileError
+from runtime.bundle import BundleError
 
 JETSON_TRTEXEC = "/usr/src/tensorrt/bin/trtexec"
 WARMUP_MS = 500
-
-
-class BundleError(ValueError):
-    """A bundle that cannot be used here. Its message is one line."""
 
 
 def read_manifest(bundle_dir: str | os.PathLike) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from model.checkpoint import CheckpointError, load_checkpoint
 from model.config import WaveCLIPConfig
 from runtime.bundle import (BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, BundleError, load_bundle, sha256_file,
                             staged_output, validate_manifest, write_array, write_manifest)
+from runtime.errors import one_line
 from runtime.preprocess import ImageError, preprocess
 
 VALIDATION = "validation.json"
@@ -178,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: validation failed, no bundle written: {e}", file=sys.stderr)
         return 1
     except (CheckpointError, BundleError, ImageError, ExportError, OSError) as e:
-        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     print(format_table(result))
     size = sum(p.stat().st_size for p in Path(args.output).iterdir() if p.is_file())

@@ -9,6 +9,7 @@ from typing import Iterable, Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
+from runtime.errors import one_line
 from runtime.wavelet import images_to_levels
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -42,7 +43,7 @@ def load_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> I
     except FileNotFoundError:
         raise ImageError(f"{path}: no such file") from None
     except (OSError, ValueError, SyntaxError) as e:
-        raise ImageError(f"{path}: cannot decode image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        raise ImageError(f"{path}: cannot decode image ({one_line(e)})") from None
 
 
 def to_rgb(im: Image.Image) -> Image.Image:

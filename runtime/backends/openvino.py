@@ -6,6 +6,7 @@ import openvino as ov
 
 from runtime.backends import BackendError, check_kv_shapes
 from runtime.bundle import Bundle
+from runtime.errors import one_line
 
 
 class OpenVINOBackend:
@@ -27,7 +28,7 @@ class OpenVINOBackend:
             self.compiled = [core.compile_model(str(bundle.level_path(k)), device, config)
                              for k in range(bundle.num_levels)]
         except Exception as e:  # openvino raises RuntimeError subclasses with long messages
-            raise BackendError(f"openvino cannot compile the bundle graphs on {device}: {str(e).splitlines()[0]}") from None
+            raise BackendError(f"openvino cannot compile the bundle graphs on {device}: {one_line(e)}") from None
         self.requests = [c.create_infer_request() for c in self.compiled]
 
     def run_level(self, level: int, patches: np.ndarray, past: list | None):

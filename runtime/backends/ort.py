@@ -6,6 +6,7 @@ import onnxruntime as ort
 
 from runtime.backends import BackendError, check_kv_shapes
 from runtime.bundle import Bundle
+from runtime.errors import one_line
 
 _DEVICE = {"CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "cuda"}
 
@@ -43,7 +44,7 @@ class OnnxRuntimeBackend:
             self.sessions = [ort.InferenceSession(str(bundle.level_path(k)), opts, providers=self.providers)
                              for k in range(bundle.num_levels)]
         except Exception as e:  # onnxruntime raises its own exception types
-            raise BackendError(f"onnxruntime cannot load the bundle graphs: {str(e).splitlines()[0]}") from None
+            raise BackendError(f"onnxruntime cannot load the bundle graphs: {one_line(e)}") from None
         self.device = _DEVICE.get(self.sessions[0].get_providers()[0], "cpu")
         self.output_names = [[o.name for o in s.get_outputs()] for s in self.sessions]
 
