@@ -7,8 +7,9 @@ from typing import Sequence
 import numpy as np
 from tqdm import tqdm
 
+from calibration.gate_search import exit_levels
 from runtime.bundle import Bundle
-from runtime.cascade import Cascade
+from runtime.cascade import Cascade, margins
 
 CHUNK = 32
 
@@ -19,18 +20,19 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _run(cascade: Cascade, patches: list[np.ndarray], progress: bool, desc: str):
-    """(per-level embeddings [L][N, D], cascade labels [N], exit levels [N]) in chunks of CHUNK rows."""
+    """Per-level embeddings [L][N, D] and the cascade's (labels [N], exit levels [N]) with its thresholds, from ONE
+    pass over every level in chunks of CHUNK rows (the gate's decision depends only on the per-level margins)."""
     n = patches[0].shape[0]
     embs: list[list[np.ndarray]] = [[] for _ in range(cascade.bundle.num_levels)]
-    labels, exits = [], []
     for i in tqdm(range(0, n, CHUNK), desc=desc, unit="batch", disable=not progress):
-        chunk = [p[i:i + CHUNK] for p in patches]
-        for k, e in enumerate(cascade.run_all_levels(chunk)):
+        for k, e in enumerate(cascade.run_all_levels([p[i:i + CHUNK] for p in patches])):
             embs[k].append(e)
-        results = cascade.classify_levels(chunk)
-        labels += [r.label for r in results]
-        exits += [r.exit_level for r in results]
-    return [np.concatenate(e) for e in embs], np.array(labels), np.array(exits)
+    embs = [np.concatenate(e) for e in embs]
+    probs = [cascade.probabilities(e) for e in embs]
+    exits = exit_levels(np.stack([margins(p) for p in probs]), np.array([cascade.thresholds]))[0]
+    columns = np.stack([p.argmax(1) for p in probs])[exits, np.arange(n)]
+    labels = np.array(cascade.bundle.labels)[cascade.class_index[columns]]
+    return embs, labels, exits
 
 
 def compare(fp32: Bundle, int8: Bundle, patches: list[np.ndarray], int8_backend: str = "onnxruntime",
