@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 
@@ -20,6 +19,7 @@ from runtime.bundle import load_bundle  # noqa: E402
 from runtime.cascade import Cascade, margins  # noqa: E402
 from runtime.data import read_image_list  # noqa: E402
 from runtime.preprocess import image_to_array  # noqa: E402
+from runtime.timing import time_calls  # noqa: E402
 from runtime.wavelet import images_to_levels  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,13 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def timed(fn, reps: int) -> float:
     """Median milliseconds of ``fn()`` over ``reps`` calls after one warm-up call."""
-    fn()
-    samples = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(samples)
+    return statistics.median(time_calls(fn, reps, warmup=1))
 
 
 def main() -> int:

@@ -36,7 +36,7 @@ from devices.profile_config import DeviceProfile, ProfileError, check_backend_av
 from runtime.backends import BackendError, create_backend
 from runtime.bundle import Bundle, BundleError, load_bundle
 from runtime.cascade import Cascade, Result
-from runtime.data import DataError, read_image_list
+from runtime.data import DataError, load_images, read_image_list
 from runtime.preprocess import ImageError, image_to_array
 from runtime.timing import level_times, time_calls
 from runtime.wavelet import images_to_levels
@@ -129,20 +129,15 @@ def load_real_images(source: str | os.PathLike, count: int, spec: dict, notes: l
                      ) -> tuple[list[Path], np.ndarray]:
     """Up to ``count`` readable images of a folder/CSV (a deterministic spread) as uint8 [N, S, S, 3]."""
     records = read_image_list(source, limit=count)
-    paths, arrays, bad = [], [], 0
-    for r in records:
-        try:
-            arrays.append(image_to_array(r.path, spec))
-            paths.append(r.path)
-        except ImageError:
-            bad += 1
+    arrays, kept, bad = load_images(records, spec)
+    paths = [r.path for r in kept]
     if bad:
         notes.append(f"{bad} unreadable image(s) in {source} skipped")
-    if not arrays:
+    if not paths:
         raise DataError(f"{source}: none of the {len(records)} images could be read")
     if len(paths) < count:
         notes.append(f"{source} has {len(paths)} readable images (asked for {count})")
-    return paths, np.stack(arrays)
+    return paths, arrays
 
 
 # --- measurements -------------------------------------------------------------------------------------------------
