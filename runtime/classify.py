@@ -14,7 +14,8 @@ from tqdm import tqdm
 from runtime.backends import BACKENDS, BackendError
 from runtime.bundle import BundleError, load_bundle
 from runtime.cascade import Cascade, Result
-from runtime.preprocess import ImageError, image_to_array, list_images
+from runtime.data import ImageRecord, load_images
+from runtime.preprocess import list_images
 from runtime.wavelet import images_to_levels
 
 
@@ -73,20 +74,17 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     bar = tqdm(total=len(paths), unit="img", disable=len(paths) < 2 or args.json, file=sys.stderr)
     for i in range(0, len(paths), args.batch_size):
-        chunk, arrays = [], []
         t0 = time.perf_counter()
-        for path in paths[i:i + args.batch_size]:
-            try:
-                arrays.append(image_to_array(path, spec))
-                chunk.append(path)
-            except ImageError as e:
-                failed += 1
-                tqdm.write(f"skipped: {e}", file=sys.stderr)
-        bar.update(args.batch_size if i + args.batch_size <= len(paths) else len(paths) - i)
-        if not chunk:
+        batch = [ImageRecord(p) for p in paths[i:i + args.batch_size]]
+        arrays, kept, skipped = load_images(batch, spec, on_skip=lambda r, why: tqdm.write(f"skipped: {why}",
+                                                                                           file=sys.stderr))
+        failed += skipped
+        bar.update(len(batch))
+        if not kept:
             continue
-        levels = images_to_levels(np.stack(arrays), spec)
-        pre_ms = (time.perf_counter() - t0) * 1e3 / len(chunk)
+        levels = images_to_levels(arrays, spec)
+        pre_ms = (time.perf_counter() - t0) * 1e3 / len(kept)
+        chunk = [r.path for r in kept]
         for path, res in zip(chunk, cascade.classify_levels(levels)):
             res.preprocess_ms = pre_ms
             results.append((path, res))
