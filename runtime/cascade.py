@@ -10,8 +10,7 @@ import numpy as np
 
 from runtime.backends import Backend, create_backend
 from runtime.bundle import Bundle, load_bundle
-from runtime.preprocess import image_to_array
-from runtime.wavelet import images_to_levels
+from runtime.preprocess import preprocess
 
 
 @dataclass
@@ -100,8 +99,7 @@ class Cascade:
         return softmax(self.bundle.logit_scale * (embeddings @ self.weight.T) + self.bias)
 
     def preprocess(self, images: Sequence) -> list[np.ndarray]:
-        spec = self.bundle.preprocessing
-        return images_to_levels(np.stack([image_to_array(im, spec) for im in images]), spec)
+        return preprocess(images, self.bundle.preprocessing)
 
     def classify(self, images: Sequence) -> list[Result]:
         """Images (paths, PIL images or HxWx3 uint8 arrays) -> one Result each, in input order."""
