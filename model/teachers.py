@@ -120,6 +120,10 @@ class Teacher(abc.ABC):
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """[B, D] raw (not normalised) float32 embeddings, without grad."""
 
+    def encode_with_map(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(embedding [B, D] as ``encode_image``, spatial feature map [B, C, H, W] or None) for dense distillation."""
+        return self.encode_image(pixels), None
+
     @abc.abstractmethod
     def head(self, labels: Sequence[str]) -> Head:
         """Head for ImageNet ``labels`` (wnids or class names), rows in the order given."""
@@ -187,6 +191,20 @@ class OpenCLIPTeacher(Teacher):
     @torch.no_grad()
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.model.encode_image(pixels.to(self.device)).float()
+
+    @torch.no_grad()
+    def encode_with_map(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """ViTs: the embedding and the final patch tokens (after ln_post) as a [B, width, grid, grid] map."""
+        visual = self.model.visual
+        if not self.is_vit:
+            return self.encode_image(pixels), None
+        visual.output_tokens = True
+        try:
+            pooled, tokens = visual(pixels.to(self.device))
+        finally:
+            visual.output_tokens = False
+        g = int(round(tokens.shape[1] ** 0.5))
+        return pooled.float(), tokens.float().transpose(1, 2).reshape(tokens.shape[0], -1, g, g)
 
     def head(self, labels: Sequence[str]) -> Head:
         """Zero-shot head: mean text embedding over OPENAI_IMAGENET_TEMPLATES per class, rows L2-normalised."""
@@ -267,6 +285,14 @@ class EfficientNetLite0Teacher(Teacher):
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         feats = self.model.forward_head(self.model.forward_features(pixels.to(self.device)), pre_logits=True)
         return feats - self.feature_mean
+
+    @torch.no_grad()
+    def encode_with_map(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The embedding and the last block's 320-channel map (7x7 at 224 px, before the 1x1 head conv)."""
+        m = self.model
+        fmap = m.blocks(m.bn1(m.conv_stem(pixels.to(self.device))))
+        feats = m.forward_head(m.bn2(m.conv_head(fmap)), pre_logits=True)
+        return feats - self.feature_mean, fmap
 
     @torch.no_grad()
     def classify_logits(self, pixels: torch.Tensor) -> torch.Tensor:

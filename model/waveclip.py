@@ -123,15 +123,20 @@ class WaveCLIP(nn.Module):
         level = torch.arange(num_levels, device=device).repeat_interleave(self.config.tokens_per_level)
         return level[None, :] <= level[:, None]
 
-    def forward(self, patches: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Full masked forward over levels 0..len(patches)-1 -> one embedding per level."""
+    def forward(self, patches: list[torch.Tensor], return_tokens: bool = False
+                ) -> list[torch.Tensor] | tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Full masked forward over levels 0..len(patches)-1 -> one embedding per level; with ``return_tokens`` also
+        each level's final patch-token states [batch, grid*grid, width] (for dense distillation)."""
         n = len(patches)
         x = self.ln_pre(torch.cat([self.embed_level(k, p) for k, p in enumerate(patches)], dim=1))
         mask = self.block_causal_mask(n, x.device)
         for block in self.blocks:
             x, _ = block(x, mask=mask)
         t = self.config.tokens_per_level
-        return [self.head(k, x[:, k * t]) for k in range(n)]
+        embeddings = [self.head(k, x[:, k * t]) for k in range(n)]
+        if return_tokens:
+            return embeddings, [x[:, k * t + 1:(k + 1) * t] for k in range(n)]
+        return embeddings
 
     def forward_cascade(self, patches: list[torch.Tensor]) -> list[torch.Tensor]:
         """Levels one by one with the KV cache (what the exported graphs do)."""

@@ -4,8 +4,12 @@
         --out ckpt.pt [--epochs E | --steps S] [--eval-data DIR_OR_CSV --eval-split val]
 
 Loss = weighted mean over levels of (1 - cos(student level k, teacher)) + kl_weight * KL(teacher || student class
-softmax at temperature T) through the teacher's head. Teacher outputs (image and mirror, the only augmentation) are
-cached on disk; student inputs come from ``runtime.preprocess`` / ``runtime.wavelet``, the code the device runs.
+softmax at temperature T) through a teacher head (default: all 1000 ImageNet classes) + dense_weight * the mean
+cosine distance of the level's patch tokens to the teacher's feature map at their grid cell (``train.dense``).
+Teacher outputs are cached on disk (``--teacher-views 1``: the image only, its mirror reuses them with the map's
+columns reversed; 2: the mirror is run too); student inputs come from ``runtime.preprocess`` / ``runtime.wavelet``,
+the code the device runs. ``--precision auto`` trains under bf16 autocast where the CPU (AVX512-BF16/AMX) or GPU
+has native bf16, else fp32.
 Initialisation rule: a student whose width, depth and heads equal the teacher ViT's starts from its weights
 (``WaveCLIP.init_from_vit``); presets in ``REQUIRES_VIT_INIT`` (waveclip-b16) refuse any other teacher.
 Batches and flips are a pure function of (seed, step), so ``--resume`` continues exactly where ``--out`` stopped.
@@ -26,24 +30,20 @@ import torch
 from tqdm import tqdm
 
 from model.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
-from model.config import WaveCLIPConfig, get_preset
+from model.config import get_preset
 from model.teachers import Head, Teacher, TeacherError, imagenet_classes, load_teacher
 from model.waveclip import WaveCLIP
 from runtime.data import DataError, ImageRecord, load_images, read_image_list, records_digest
 from runtime.preprocess import ImageError
 from runtime.wavelet import images_to_levels
 from train.evaluate import evaluate, head_rows
+from train.setup import DistillError, choose_labels, init_student, level_weights, param_groups, use_bf16
+from train.dense import DenseHead, channel_stats, mirror_grid
 from train.losses import distill_loss, lr_at
-from train.teacher_cache import default_cache_dir, teacher_embeddings
+from train.teacher_cache import default_cache_dir, teacher_embeddings, teacher_targets
 
-REQUIRES_VIT_INIT = {"waveclip-b16"}  # too big to learn from scratch on a distillation set
-NO_DECAY = {"cls_token", "level_embed", "pos_embed", "cls_pos_embed"}
 LR_SCRATCH, LR_VIT_INIT = 2e-3, 1e-4  # default peak learning rates
 LOSS_WINDOW = 50  # steps averaged into the reported final losses
-
-
-class DistillError(ValueError):
-    """A bad combination of arguments; the message is one line."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,14 +59,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--epochs", type=float, help="passes over the data (default 1)")
     budget.add_argument("--steps", type=int, help="total optimizer steps (instead of --epochs)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, help=f"peak learning rate (default {LR_SCRATCH} from scratch, {LR_VIT_INIT} "
                                           "when starting from the teacher's ViT)")
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--warmup", type=int, help="warmup steps (default 5%% of the steps)")
     p.add_argument("--clip-grad", type=float, default=1.0, help="max gradient norm (0: off)")
-    p.add_argument("--kl-weight", type=float, default=0.0, help="weight of the KL term on the head's logits")
+    p.add_argument("--kl-weight", type=float, default=1.0, help="weight of the KL term on the head's logits")
+    p.add_argument("--kl-head", choices=["auto", "imagenet1k", "labels"], default="auto",
+                   help="classes of the KL term: all 1000 ImageNet classes or the head's labels (auto: imagenet1k "
+                        "for classifier teachers, whose head is free; labels for open_clip, whose zero-shot head "
+                        "costs a text pass per class)")
     p.add_argument("--temperature", type=float, default=2.0, help="softmax temperature of the KL term")
+    p.add_argument("--dense-weight", type=float, default=1.0,
+                   help="weight of the dense token-level loss to the teacher's feature map (0: off)")
+    p.add_argument("--teacher-views", type=int, choices=[1, 2], default=1,
+                   help="teacher passes per image: 1 (mirror reuses them) or 2 (the mirror is run too)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="student training precision (auto: bf16 autocast where the hardware has native bf16)")
     p.add_argument("--level-weights", help="comma-separated weight per level (default equal)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from --out's train_state")
@@ -82,65 +92,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("batch_size", "teacher_batch_size", "threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    for name in ("kl_weight", "dense_weight", "weight_decay", "clip_grad"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must be >= 0")
+    if args.temperature <= 0:
+        p.error("--temperature must be > 0")
     return args
-
-
-# --- setup --------------------------------------------------------------------------------------------------------------
-def choose_labels(arg: str | None, records: list[ImageRecord], source: str) -> list[str]:
-    """The head's label set: the data's sorted labels, all ImageNet-1k wnids, or a file's lines."""
-    data_labels = sorted({r.label for r in records if r.label is not None})
-    if arg is None:
-        arg = "from-data" if data_labels else "imagenet1k"
-    if arg == "imagenet1k":
-        return [wnid for _, wnid, _ in imagenet_classes()]
-    if arg == "from-data":
-        if not data_labels:
-            raise DistillError(f"--labels from-data: {source} has no label column (wnid or label)")
-        return data_labels
-    path = Path(arg).expanduser()
-    if not path.is_file():
-        raise DistillError(f"--labels {arg}: expected imagenet1k, from-data or an existing file")
-    labels = [s for s in (line.strip() for line in path.read_text(encoding="utf-8").splitlines())
-              if s and not s.startswith("#")]
-    if not labels:
-        raise DistillError(f"--labels {arg}: the file lists no labels")
-    return labels
-
-
-def init_student(cfg: WaveCLIPConfig, teacher: Teacher, preset: str) -> tuple[WaveCLIP, str]:
-    """A new student; from the teacher's ViT weights when width, depth and heads match (see module docstring)."""
-    model = WaveCLIP(cfg)
-    vit = teacher.vit_state()
-    if vit is not None:
-        vit.setdefault("width", teacher.width)
-        shape = (vit["width"], len(vit["blocks"]), vit.get("heads", cfg.heads))
-        if shape == (cfg.width, cfg.layers, cfg.heads):
-            model.init_from_vit(vit)
-            return model, f"vit:{teacher.name}"
-    if preset in REQUIRES_VIT_INIT:
-        what = "not a ViT" if vit is None else "a ViT of width {}, {} layers, {} heads".format(*shape)
-        raise DistillError(f"preset/teacher width mismatch: {preset} (width {cfg.width}, {cfg.layers} layers, "
-                           f"{cfg.heads} heads) must start from a ViT teacher of the same shape; {teacher.name} is {what}")
-    return model, "scratch"
-
-
-def level_weights(arg: str | None, levels: int) -> list[float]:
-    if arg is None:
-        return [1.0 / levels] * levels
-    try:
-        w = [float(x) for x in arg.split(",")]
-    except ValueError:
-        raise DistillError(f"--level-weights {arg!r}: expected {levels} comma-separated numbers") from None
-    if len(w) != levels or min(w) < 0 or sum(w) <= 0:
-        raise DistillError(f"--level-weights {arg!r}: expected {levels} non-negative numbers with a positive sum")
-    return [x / sum(w) for x in w]
-
-
-def param_groups(model: WaveCLIP, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if p.ndim < 2 or name in NO_DECAY else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def batch_at(step: int, n: int, batch_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -209,10 +166,16 @@ def run(args: argparse.Namespace, stop_after: int | None = None) -> dict:
 
     digest = records_digest(kept)
     cache_dir = args.cache_dir or default_cache_dir()
-    temb, tstats = teacher_embeddings(teacher, kept, cache_dir, flip=True, batch_size=args.teacher_batch_size)
+    targets, tstats = teacher_targets(teacher, kept, cache_dir, flip=args.teacher_views == 2,
+                                      dense_grid=cfg.grid,  # maps cached whatever the weight: one cache
+                                      batch_size=args.teacher_batch_size)
+    temb = targets.emb
     if tstats["computed"]:
-        print(f"teacher: {tstats['computed']} images (+ mirrors) in {tstats['seconds']:.1f} s, "
-              f"{tstats['images_per_s']} images/s", flush=True)
+        print(f"teacher ({tstats['backend']}): {tstats['computed']} images x {args.teacher_views} view(s) in "
+              f"{tstats['seconds']:.1f} s, {tstats['images_per_s']} images/s", flush=True)
+    if args.dense_weight > 0 and targets.dense is None:
+        raise DistillError(f"--dense-weight {args.dense_weight}: teacher {args.teacher} has no spatial feature map "
+                           "(use --dense-weight 0)")
 
     n, device = len(kept), torch.device(args.device)
     bsz = min(args.batch_size, n)
@@ -221,13 +184,30 @@ def run(args: argparse.Namespace, stop_after: int | None = None) -> dict:
     warmup = args.warmup if args.warmup is not None else max(1, round(0.05 * total))
     model.to(device).train()
     head_dev = Head(head.class_names, head.weight.to(device), head.bias.to(device), head.logit_scale)
-    opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr)
+    kl_head = head_dev
+    if args.kl_head == "auto":
+        args.kl_head = "labels" if args.teacher.startswith("open_clip:") else "imagenet1k"
+    if args.kl_weight > 0 and args.kl_head == "imagenet1k":
+        full = teacher.head([wnid for _, wnid, _ in imagenet_classes()])
+        kl_head = Head(full.class_names, full.weight.to(device), full.bias.to(device), full.logit_scale)
+    dense_head, dense_mean, dense_std = None, None, None
+    if targets.dense is not None and args.dense_weight > 0:
+        torch.manual_seed(args.seed)
+        dense_head = DenseHead(cfg.width, targets.dense.shape[-1]).to(device).train()
+        dense_mean, dense_std = (t.to(device) for t in channel_stats(targets.dense))
+    bf16 = use_bf16(args.precision, device)
+    modules = [model] + ([dense_head] if dense_head is not None else [])
+    opt = torch.optim.AdamW(param_groups(modules, args.weight_decay), lr=args.lr)
     step, prior_wall, prior_train, images_seen = 0, 0.0, 0.0, 0
     if resume is not None:
         state = resume["train_state"]
         if state["data_digest"] != digest:
             raise DistillError(f"--resume: the images of {args.data} differ from those {args.out} was trained on")
         model.load_state_dict(resume["state_dict"])
+        if dense_head is not None:
+            if "dense_head" not in state:
+                raise DistillError(f"--resume: {args.out} was trained without the dense loss")
+            dense_head.load_state_dict(state["dense_head"])
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
         step, prior_wall, prior_train = state["step"], state["wall_time_s"], state["train_seconds"]
@@ -253,13 +233,15 @@ def run(args: argparse.Namespace, stop_after: int | None = None) -> dict:
             "teacher_cache": {k: tstats[k] for k in ("key", "computed", "seconds", "images_per_s")},
             "steps": step, "epochs": round(step * bsz / n, 3), "batch_size": bsz, "lr": args.lr,
             "weight_decay": args.weight_decay, "warmup": warmup, "kl_weight": args.kl_weight,
-            "temperature": args.temperature, "level_weights": weights, "seed": args.seed, "device": str(device),
+            "kl_head": args.kl_head, "temperature": args.temperature, "dense_weight": args.dense_weight,
+            "teacher_views": args.teacher_views, "precision": "bf16" if bf16 else "fp32",
+            "level_weights": weights, "seed": args.seed, "device": str(device),
             "threads": torch.get_num_threads(), "wall_time_s": round(prior_wall + time.perf_counter() - t_run, 2),
             "train_seconds": round(secs, 2), "images_seen": images_seen,
             "images_per_s": round(images_seen / secs, 2) if secs else None,
             "final_losses": None if mean is None else {
                 "total": round(mean[0], 5), "cosine": [round(x, 5) for x in mean[1:1 + L]],
-                "kl": [round(x, 5) for x in mean[1 + L:]]},
+                "kl": [round(x, 5) for x in mean[1 + L:1 + 2 * L]], "dense": [round(x, 5) for x in mean[1 + 2 * L:]]},
             "torch": str(torch.__version__), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "command": "python -m train.distill " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("distill.py") else None,
         }
@@ -272,6 +254,8 @@ def run(args: argparse.Namespace, stop_after: int | None = None) -> dict:
         state = {"step": step, "total_steps": total, "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
                  "args": _plain(args), "data_digest": digest, "wall_time_s": prov["wall_time_s"],
                  "train_seconds": prov["train_seconds"], "images_seen": images_seen, "loss_window": list(window)}
+        if dense_head is not None:
+            state["dense_head"] = dense_head.state_dict()
         save_checkpoint(args.out, model, head_dict, args.teacher, prov, state)
         return prov
 
@@ -284,10 +268,21 @@ def run(args: argparse.Namespace, stop_after: int | None = None) -> dict:
             x = arrays[idx]
             x[flips] = x[flips, :, ::-1]
             patches = [torch.from_numpy(p).to(device) for p in images_to_levels(x, spec)]
-            target = temb[torch.from_numpy(idx), torch.from_numpy(flips.astype(np.int64))].float().to(device)
+            view = torch.from_numpy(flips.astype(np.int64)) if args.teacher_views == 2 else torch.zeros(len(idx), dtype=torch.long)
+            target = temb[torch.from_numpy(idx), view].float().to(device)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, total, args.lr, warmup)
-            parts = distill_loss(model(patches), target, weights, head_dev.logits, args.kl_weight, args.temperature)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                embs, tokens = model(patches, return_tokens=True)
+                dense_pred = None if dense_head is None else [dense_head(t) for t in tokens]
+            dense_target = None
+            if dense_head is not None:
+                dense_target = targets.dense[torch.from_numpy(idx), view].float()
+                if args.teacher_views == 1 and flips.any():
+                    dense_target[flips] = mirror_grid(dense_target[flips], cfg.grid)
+                dense_target = (dense_target.to(device) - dense_mean) / dense_std
+            parts = distill_loss([e.float() for e in embs], target, weights, kl_head.logits, args.kl_weight,
+                                 args.temperature, dense_pred, dense_target, args.dense_weight)
             opt.zero_grad(set_to_none=True)
             parts.total.backward()
             if args.clip_grad:
@@ -297,7 +292,7 @@ def run(args: argparse.Namespace, stop_after: int | None = None) -> dict:
             images_seen += len(idx)
             seen_now += len(idx)
             train_seconds += time.perf_counter() - t0
-            window.append([parts.total.item(), *parts.cosine, *parts.kl])
+            window.append([parts.total.item(), *parts.cosine, *parts.kl, *parts.dense])
             bar.update(1)
             bar.set_postfix(loss=f"{parts.total.item():.4f}", img_s=f"{seen_now / train_seconds:.0f}", refresh=False)
             if args.save_every and step % args.save_every == 0 and step < total:

@@ -1,4 +1,5 @@
-"""Distillation losses: per-level cosine distance to the teacher embedding, plus optional KL on the head's logits."""
+"""Distillation losses: per-level cosine distance to the teacher embedding, optional KL on a head's logits and
+optional dense (token-level) cosine to the teacher's feature map (``train.dense``)."""
 from __future__ import annotations
 
 import math
@@ -7,6 +8,8 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from train.dense import dense_loss
 
 
 def cosine_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -26,22 +29,28 @@ class LossParts:
     total: torch.Tensor
     cosine: list[float]  # per level
     kl: list[float]  # per level (zeros when kl_weight == 0)
+    dense: list[float]  # per level (zeros without dense targets)
 
 
 def distill_loss(student: Sequence[torch.Tensor], teacher: torch.Tensor, level_weights: Sequence[float],
                  logits: Callable[[torch.Tensor], torch.Tensor] | None = None, kl_weight: float = 0.0,
-                 temperature: float = 1.0) -> LossParts:
-    """Weighted mean over levels of cosine distance (+ ``kl_weight`` x KL through ``logits``, the head)."""
+                 temperature: float = 1.0, dense_pred: Sequence[torch.Tensor] | None = None,
+                 dense_target: torch.Tensor | None = None, dense_weight: float = 0.0) -> LossParts:
+    """Weighted mean over levels of cosine distance (+ ``kl_weight`` x KL through ``logits``, the head, + ``dense_weight``
+    x dense cosine distance of level k's predicted tokens ``dense_pred[k]`` to ``dense_target``)."""
     use_kl = kl_weight > 0 and logits is not None
+    use_dense = dense_weight > 0 and dense_pred is not None and dense_target is not None
     teacher_logits = logits(teacher).detach() if use_kl else None
-    total, cos_parts, kl_parts = student[0].new_zeros(()), [], []
-    for w, s in zip(level_weights, student):
+    total, cos_parts, kl_parts, dense_parts = student[0].new_zeros(()), [], [], []
+    for k, (w, s) in enumerate(zip(level_weights, student)):
         cos = cosine_distance(s, teacher)
         kl = kl_distill(logits(s), teacher_logits, temperature) if use_kl else cos.new_zeros(())
-        total = total + w * (cos + kl_weight * kl)
+        dense = dense_loss(dense_pred[k], dense_target) if use_dense else cos.new_zeros(())
+        total = total + w * (cos + kl_weight * kl + dense_weight * dense)
         cos_parts.append(cos.item())
         kl_parts.append(kl.item())
-    return LossParts(total, cos_parts, kl_parts)
+        dense_parts.append(dense.item())
+    return LossParts(total, cos_parts, kl_parts, dense_parts)
 
 
 def lr_at(step: int, total: int, base_lr: float, warmup: int, min_ratio: float = 0.0) -> float:

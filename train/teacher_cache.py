@@ -1,9 +1,11 @@
-"""Teacher embeddings per image (and its horizontal flip), computed once and cached on disk in chunks.
+"""Teacher targets per image, computed once and cached on disk in chunks: the embedding and, for dense distillation,
+the teacher's feature map pooled to the student's token grid; for the image and optionally its horizontal mirror.
 
-Layout: ``CACHE_DIR/teacher/<key>/chunk_00000.pt`` ([n, views, D] float16 each) + ``meta.json``. The key hashes the
-teacher spec, a fingerprint of its outputs (so changed weights, code or a differently seeded random teacher miss the
-cache), the image list (absolute paths, sizes, labels) and the views; a second run, a resume, or an interrupted teacher
-pass picks up what is there and computes only the missing chunks.
+Layout: ``CACHE_DIR/teacher/<key>/chunk_00000.pt`` ({"emb": [n, views, D], "dense": [n, views, grid*grid, C] or
+absent}, float16) + ``meta.json``. The key hashes the teacher spec, a fingerprint of its weights (so changed weights or
+a differently seeded random teacher miss the cache), the image list (absolute paths, sizes, labels), the views and
+the dense grid; a second run, a resume, or an interrupted teacher pass picks up what is there and computes only the
+missing chunks. On a CPU the teacher runs in ONNX Runtime after a parity check (``train.teacher_onnx``).
 """
 from __future__ import annotations
 
@@ -11,10 +13,12 @@ import hashlib
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from PIL import ImageOps
 from tqdm import tqdm
 
@@ -22,8 +26,9 @@ from model.checkpoint import atomic_torch_save
 from model.teachers import Teacher
 from runtime.data import ImageRecord, records_digest
 from runtime.preprocess import load_image
+from train.teacher_onnx import Encoder, onnx_encoder
 
-CACHE_VERSION = 2  # 2: efficientnet-lite0 embeddings are centred
+CACHE_VERSION = 3  # 2: efficientnet-lite0 embeddings are centred; 3: chunks are dicts with dense maps
 CHUNK = 1024
 
 
@@ -48,57 +53,98 @@ def cache_key(teacher_spec: str, records: Sequence[ImageRecord], flip: bool, ext
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-def _load_chunk(path: Path, n: int, views: int, dim: int) -> torch.Tensor | None:
+@dataclass
+class TeacherTargets:
+    emb: torch.Tensor  # [N, views, D] float16, raw (not normalised)
+    dense: torch.Tensor | None  # [N, views, grid*grid, C] float16, row-major over the grid, or None
+
+
+def _load_chunk(path: Path, n: int, views: int, dim: int, dense_grid: int | None) -> dict | None:
     try:
-        t = torch.load(path, map_location="cpu", weights_only=True)
+        chunk = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # missing or damaged chunk: recompute it
         return None
-    return t if isinstance(t, torch.Tensor) and tuple(t.shape) == (n, views, dim) else None
+    if not isinstance(chunk, dict) or not isinstance(chunk.get("emb"), torch.Tensor):
+        return None
+    if tuple(chunk["emb"].shape) != (n, views, dim):
+        return None
+    dense = chunk.get("dense")
+    if dense_grid and dense is not None and tuple(dense.shape[:3]) != (n, views, dense_grid ** 2):
+        return None
+    return chunk
 
 
-@torch.no_grad()
-def _encode(teacher: Teacher, records: Sequence[ImageRecord], flip: bool) -> torch.Tensor:
+def pool_map(fmap: torch.Tensor, grid: int) -> torch.Tensor:
+    """[B, C, H, W] -> [B, grid*grid, C], adaptive average pooling, row-major over the grid."""
+    return F.adaptive_avg_pool2d(fmap.float(), grid).flatten(2).transpose(1, 2)
+
+
+def _encode(teacher: Teacher, encoder: Encoder, records: Sequence[ImageRecord], views: int,
+            dense_grid: int | None) -> dict:
     images = [load_image(r.path) for r in records]
-    if flip:
+    if views == 2:
         images += [ImageOps.mirror(im) for im in images]
-    emb = teacher.encode_image(teacher.preprocess(images)).float().cpu()
-    return emb.reshape(1 + flip, len(records), -1).transpose(0, 1)
+    emb, fmap = encoder(teacher.preprocess(images))
+    out = {"emb": emb.float().cpu().reshape(views, len(records), -1).transpose(0, 1).half()}
+    if dense_grid and fmap is not None:
+        dense = pool_map(fmap.cpu(), dense_grid)
+        out["dense"] = dense.reshape(views, len(records), *dense.shape[1:]).transpose(0, 1).half()
+    return out
+
+
+def teacher_targets(teacher: Teacher, records: Sequence[ImageRecord], cache_dir: str | os.PathLike, *,
+                    flip: bool = True, dense_grid: int | None = None, key_extra: str = "", batch_size: int = 64,
+                    progress: bool = True) -> tuple[TeacherTargets, dict]:
+    """Teacher targets (views: the image, then its mirror when ``flip``; dense maps pooled to ``dense_grid`` when
+    given and the teacher has a map) and stats: {"key", "images", "computed" (images run through the teacher now),
+    "seconds", "images_per_s" (computed images, each with its views, per second; None when all came from the cache),
+    "backend"}."""
+    extra = f"{teacher_fingerprint(teacher)}|{key_extra}|dense={dense_grid or 0}"
+    key = cache_key(teacher.name, records, flip, extra)
+    folder = Path(cache_dir).expanduser() / "teacher" / key
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {"teacher": teacher.name, "extra": key_extra, "images": len(records), "flip": flip,
+            "embed_dim": teacher.embed_dim, "dense_grid": dense_grid, "chunk": CHUNK, "version": CACHE_VERSION}
+    (folder / "meta.json").write_text(json.dumps(meta, indent=1))
+    views, dim = 1 + flip, teacher.embed_dim
+    chunks, computed, seconds = [], 0, 0.0
+    encoder: Encoder | None = None
+    backend = "cache"
+    bar = tqdm(total=len(records), desc="teacher", unit="img", disable=not progress, mininterval=1.0)
+    for start in range(0, len(records), CHUNK):
+        part = records[start:start + CHUNK]
+        path = folder / f"chunk_{start // CHUNK:05d}.pt"
+        chunk = _load_chunk(path, len(part), views, dim, dense_grid)
+        if chunk is None:
+            t0 = time.perf_counter()
+            if encoder is None:
+                sample = teacher.preprocess([load_image(r.path) for r in part[:2]])
+                encoder, backend = onnx_encoder(teacher, sample, torch.get_num_threads())
+            pieces = []
+            for i in range(0, len(part), batch_size):
+                pieces.append(_encode(teacher, encoder, part[i:i + batch_size], views, dense_grid))
+                bar.update(len(part[i:i + batch_size]))
+            chunk = {k: torch.cat([p[k] for p in pieces]) for k in pieces[0]}
+            seconds += time.perf_counter() - t0
+            computed += len(part)
+            atomic_torch_save(chunk, path)
+        else:
+            bar.update(len(part))
+        chunks.append(chunk)
+    bar.close()
+    emb = torch.cat([c["emb"] for c in chunks]) if chunks else torch.zeros(0, views, dim, dtype=torch.float16)
+    dense = None
+    if dense_grid and chunks and all("dense" in c for c in chunks):
+        dense = torch.cat([c["dense"] for c in chunks])
+    stats = {"key": key, "images": len(records), "computed": computed, "seconds": round(seconds, 3),
+             "images_per_s": round(computed / seconds, 2) if computed else None, "backend": backend}
+    return TeacherTargets(emb, dense), stats
 
 
 def teacher_embeddings(teacher: Teacher, records: Sequence[ImageRecord], cache_dir: str | os.PathLike, *,
                        flip: bool = True, key_extra: str = "", batch_size: int = 64, progress: bool = True
                        ) -> tuple[torch.Tensor, dict]:
-    """Raw teacher embeddings [N, views, D] float16 (views: the image, then its mirror when ``flip``) and stats:
-    {"key", "images", "computed" (images run through the teacher now), "seconds", "images_per_s" (computed images,
-    each with its flip, per second; None when all came from the cache)}."""
-    key = cache_key(teacher.name, records, flip, f"{teacher_fingerprint(teacher)}|{key_extra}")
-    folder = Path(cache_dir).expanduser() / "teacher" / key
-    folder.mkdir(parents=True, exist_ok=True)
-    meta = {"teacher": teacher.name, "extra": key_extra, "images": len(records), "flip": flip,
-            "embed_dim": teacher.embed_dim, "chunk": CHUNK, "version": CACHE_VERSION}
-    (folder / "meta.json").write_text(json.dumps(meta, indent=1))
-    views, dim = 1 + flip, teacher.embed_dim
-    chunks, computed, seconds = [], 0, 0.0
-    bar = tqdm(total=len(records), desc="teacher", unit="img", disable=not progress, mininterval=1.0)
-    for start in range(0, len(records), CHUNK):
-        part = records[start:start + CHUNK]
-        path = folder / f"chunk_{start // CHUNK:05d}.pt"
-        emb = _load_chunk(path, len(part), views, dim)
-        if emb is None:
-            t0 = time.perf_counter()
-            pieces = []
-            for i in range(0, len(part), batch_size):
-                pieces.append(_encode(teacher, part[i:i + batch_size], flip))
-                bar.update(len(pieces[-1]))
-            emb = torch.cat(pieces).half()
-            seconds += time.perf_counter() - t0
-            computed += len(part)
-            atomic_torch_save(emb, path)
-        else:
-            bar.update(len(part))
-        chunks.append(emb)
-    bar.close()
-    out = torch.cat(chunks) if chunks else torch.zeros(0, views, dim, dtype=torch.float16)
-    stats = {"key": key, "images": len(records), "computed": computed, "seconds": round(seconds, 3),
-             "images_per_s": round(computed / seconds, 2) if computed else None}
-    return out, stats
+    """Raw teacher embeddings [N, views, D] float16 and the stats of :func:`teacher_targets` (no dense maps)."""
+    targets, stats = teacher_targets(teacher, records, cache_dir, flip=flip, key_extra=key_extra,
+                                     batch_size=batch_size, progress=progress)
+    return targets.emb, stats

@@ -1,0 +1,85 @@
+"""Ablation of the distillation recipe: each lever switched on in turn, same data, steps, seed and held-out images.
+
+    python -m train.ablation [--work out/demo-work] [--steps 300] [--variants baseline,kl1000,dense,default,fp32]
+
+Runs ``train.distill`` once per variant on the demo recipe's distillation list (``train.recipe_demo`` writes it),
+evaluates per-level cosine and top-1 on 1,000 images of the held-apart ``calib`` split (never Tiny-ImageNet val),
+and prints a markdown table (lever, top-1 per level, cosine per level, minutes of student training). Teacher outputs
+come from the shared cache, so only the first run pays the teacher pass.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "baseline": ("pooled cosine + KL over the 202 head classes (the old recipe), bf16",
+                 ["--dense-weight", "0", "--kl-head", "labels"]),
+    "kl1000": ("+ KL over all 1000 teacher classes", ["--dense-weight", "0", "--kl-head", "imagenet1k"]),
+    "dense": ("+ dense token loss (202-class KL)", ["--dense-weight", "1", "--kl-head", "labels"]),
+    "default": ("+ dense + 1000-class KL (the default)", []),
+    "fp32": ("the default in fp32 (speed reference)", ["--precision", "fp32"]),
+}
+
+
+def run_variant(name: str, args: argparse.Namespace) -> dict:
+    out = args.work / "ablation" / f"{name}.pt"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    splits = args.work / "tiny-imagenet-splits.csv"
+    cmd = [sys.executable, "-m", "train.distill", "--teacher", "efficientnet-lite0",
+           "--data", str(args.work / "distill.csv"), "--preset", "waveclip-demo", "--out", str(out),
+           "--steps", str(args.steps), "--threads", str(args.threads), "--save-every", "0", "--seed", "0",
+           "--eval-data", str(splits), "--eval-split", "calib", "--eval-limit", "1000", *VARIANTS[name][1]]
+    print(f"\n=== {name}: {' '.join(cmd[1:])}", flush=True)
+    subprocess.run(cmd, cwd=REPO, check=True)
+    prov = torch.load(out, map_location="cpu", weights_only=True)["provenance"]
+    ev = prov["eval"]
+    return {"variant": name, "lever": VARIANTS[name][0], "steps": prov["steps"], "top1": ev["student_top1"],
+            "cosine": ev["cosine"], "teacher_top1": ev["teacher_top1"], "minutes": round(prov["train_seconds"] / 60, 1),
+            "images_per_s": prov["images_per_s"], "precision": prov["precision"]}
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| lever | top-1 L0 / L1 / L2 / L3 | cosine L0 / L3 | student minutes (img/s) |", "|---|---|---|---|"]
+    for r in rows:
+        top1 = " / ".join(f"{100 * x:.1f}%" for x in r["top1"])
+        lines.append(f"| {r['lever']} | {top1} | {r['cosine'][0]:.3f} / {r['cosine'][-1]:.3f} | "
+                     f"{r['minutes']} ({r['images_per_s']:.0f}) |")
+    if rows:
+        lines.append(f"\nteacher top-1 on the same images: {100 * rows[0]['teacher_top1']:.1f}%")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m train.ablation", description=__doc__.splitlines()[0])
+    p.add_argument("--work", type=Path, default=REPO / "out" / "demo-work")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--variants", default="baseline,kl1000,dense,default")
+    p.add_argument("--json", type=Path, help="also write the rows here")
+    args = p.parse_args(argv)
+    names = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown or args.steps < 1:
+        print(f"error: unknown variant(s) {unknown} (known: {', '.join(VARIANTS)}) or --steps < 1", file=sys.stderr)
+        return 2
+    if not (args.work / "distill.csv").is_file():
+        print(f"error: {args.work}/distill.csv not found: run `python -m train.recipe_demo` first", file=sys.stderr)
+        return 2
+    rows = []
+    for name in names:
+        rows.append(run_variant(name, args))
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    print("\n" + markdown(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

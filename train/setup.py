@@ -1,0 +1,88 @@
+"""Setting up a distillation run: the head's labels, the student's initialisation, level weights, optimizer groups,
+training precision."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from model.config import WaveCLIPConfig
+from model.teachers import imagenet_classes, Teacher
+from model.waveclip import WaveCLIP
+from runtime.data import ImageRecord
+
+REQUIRES_VIT_INIT = {"waveclip-b16"}  # too big to learn from scratch on a distillation set
+NO_DECAY = {"cls_token", "level_embed", "pos_embed", "cls_pos_embed"}
+
+
+class DistillError(ValueError):
+    """A bad combination of arguments; the message is one line."""
+
+
+def choose_labels(arg: str | None, records: list[ImageRecord], source: str) -> list[str]:
+    """The head's label set: the data's sorted labels, all ImageNet-1k wnids, or a file's lines."""
+    data_labels = sorted({r.label for r in records if r.label is not None})
+    if arg is None:
+        arg = "from-data" if data_labels else "imagenet1k"
+    if arg == "imagenet1k":
+        return [wnid for _, wnid, _ in imagenet_classes()]
+    if arg == "from-data":
+        if not data_labels:
+            raise DistillError(f"--labels from-data: {source} has no label column (wnid or label)")
+        return data_labels
+    path = Path(arg).expanduser()
+    if not path.is_file():
+        raise DistillError(f"--labels {arg}: expected imagenet1k, from-data or an existing file")
+    labels = [s for s in (line.strip() for line in path.read_text(encoding="utf-8").splitlines())
+              if s and not s.startswith("#")]
+    if not labels:
+        raise DistillError(f"--labels {arg}: the file lists no labels")
+    return labels
+
+
+def init_student(cfg: WaveCLIPConfig, teacher: Teacher, preset: str) -> tuple[WaveCLIP, str]:
+    """A new student; from the teacher's ViT weights when width, depth and heads match (see module docstring)."""
+    model = WaveCLIP(cfg)
+    vit = teacher.vit_state()
+    if vit is not None:
+        vit.setdefault("width", teacher.width)
+        shape = (vit["width"], len(vit["blocks"]), vit.get("heads", cfg.heads))
+        if shape == (cfg.width, cfg.layers, cfg.heads):
+            model.init_from_vit(vit)
+            return model, f"vit:{teacher.name}"
+    if preset in REQUIRES_VIT_INIT:
+        what = "not a ViT" if vit is None else "a ViT of width {}, {} layers, {} heads".format(*shape)
+        raise DistillError(f"preset/teacher width mismatch: {preset} (width {cfg.width}, {cfg.layers} layers, "
+                           f"{cfg.heads} heads) must start from a ViT teacher of the same shape; {teacher.name} is {what}")
+    return model, "scratch"
+
+
+def level_weights(arg: str | None, levels: int) -> list[float]:
+    if arg is None:
+        return [1.0 / levels] * levels
+    try:
+        w = [float(x) for x in arg.split(",")]
+    except ValueError:
+        raise DistillError(f"--level-weights {arg!r}: expected {levels} comma-separated numbers") from None
+    if len(w) != levels or min(w) < 0 or sum(w) <= 0:
+        raise DistillError(f"--level-weights {arg!r}: expected {levels} non-negative numbers with a positive sum")
+    return [x / sum(w) for x in w]
+
+
+def param_groups(modules: list[torch.nn.Module], weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for module in modules:
+        for name, p in module.named_parameters():
+            (no_decay if p.ndim < 2 or name in NO_DECAY else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """bf16 autocast: asked for, or ``auto`` on hardware with native bf16 (CUDA bf16, AVX512-BF16 or AMX CPUs)."""
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
