@@ -93,7 +93,10 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[WaveCLIP, dict]:
     ckpt = read_checkpoint(path)
     try:
         model = WaveCLIP(WaveCLIPConfig.from_dict(ckpt["config"]))
-        model.load_state_dict(ckpt["state_dict"])
+        missing, unexpected = model.load_state_dict(ckpt["state_dict"], strict=False)
+        if unexpected or any(not k.startswith(("patch_shift_", "patch_scale_")) for k in missing):
+            raise RuntimeError(f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+        # checkpoints older than the patch standardisation keep its identity defaults
     except (ValueError, RuntimeError, TypeError) as e:
         raise CheckpointError(f"{path}: config and weights do not fit ({str(e).splitlines()[0][:200]})") from None
     return model.eval(), ckpt

@@ -203,8 +203,8 @@ class OpenCLIPTeacher(Teacher):
             pooled, tokens = visual(pixels.to(self.device))
         finally:
             visual.output_tokens = False
-        g = int(round(tokens.shape[1] ** 0.5))
-        return pooled.float(), tokens.float().transpose(1, 2).reshape(tokens.shape[0], -1, g, g)
+        g = visual.grid_size
+        return pooled.float(), tokens.float().transpose(1, 2).reshape(tokens.shape[0], -1, g[0], g[1])
 
     def head(self, labels: Sequence[str]) -> Head:
         """Zero-shot head: mean text embedding over OPENAI_IMAGENET_TEMPLATES per class, rows L2-normalised."""

@@ -81,6 +81,9 @@ class WaveCLIP(nn.Module):
         self.config = config
         w, n = config.width, config.num_levels
         self.patch_embed = nn.ModuleList(nn.Linear(config.patch_dim(k), w) for k in range(n))
+        for k in range(n):  # fixed input standardisation per level and value (identity unless set from data)
+            self.register_buffer(f"patch_shift_{k}", torch.zeros(config.patch_dim(k)))
+            self.register_buffer(f"patch_scale_{k}", torch.ones(config.patch_dim(k)))
         self.cls_token = nn.Parameter(torch.randn(n, w) * 0.02)
         self.level_embed = nn.Parameter(torch.randn(n, w) * 0.02)
         self.pos_embed = nn.Parameter(torch.randn(config.patches_per_level, w) * 0.02)
@@ -90,8 +93,15 @@ class WaveCLIP(nn.Module):
         self.ln_post = nn.ModuleList(nn.LayerNorm(w) for _ in range(n))
         self.proj = nn.Parameter(torch.randn(w, config.embed_dim) * w ** -0.5)  # shared: one embedding space
 
+    def set_patch_stats(self, level: int, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Standardise level ``level``'s patch values by the data's ``mean`` and ``std`` [patch_dim] (the Haar
+        detail bands are 10-100x smaller than the LL band, which would otherwise slow their weights' learning)."""
+        getattr(self, f"patch_shift_{level}").copy_(mean)
+        getattr(self, f"patch_scale_{level}").copy_(1.0 / std)
+
     def embed_level(self, level: int, patches: torch.Tensor) -> torch.Tensor:
         """Tokens of one level: [batch, 1 + grid*grid, width] (CLS first), before ``ln_pre``."""
+        patches = (patches - getattr(self, f"patch_shift_{level}")) * getattr(self, f"patch_scale_{level}")
         x = self.patch_embed[level](patches) + self.pos_embed
         cls = (self.cls_token[level] + self.cls_pos_embed).expand(x.shape[0], 1, -1)
         return torch.cat([cls, x], dim=1) + self.level_embed[level]

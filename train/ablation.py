@@ -1,6 +1,6 @@
 """Ablation of the distillation recipe: each lever switched on in turn, same data, steps, seed and held-out images.
 
-    python -m train.ablation [--work out/demo-work] [--steps 300] [--variants baseline,kl1000,dense,default,fp32]
+    python -m train.ablation [--work out/demo-work] [--steps 300] [--variants baseline,kl1000,dense,dense_kl1000,default,fp32]
 
 Runs ``train.distill`` once per variant on the demo recipe's distillation list (``train.recipe_demo`` writes it),
 evaluates per-level cosine and top-1 on 1,000 images of the held-apart ``calib`` split (never Tiny-ImageNet val),
@@ -18,12 +18,14 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+NO_NORM = ["--no-patch-norm"]
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "baseline": ("pooled cosine + KL over the 202 head classes (the old recipe), bf16",
-                 ["--dense-weight", "0", "--kl-head", "labels"]),
-    "kl1000": ("+ KL over all 1000 teacher classes", ["--dense-weight", "0", "--kl-head", "imagenet1k"]),
-    "dense": ("+ dense token loss (202-class KL)", ["--dense-weight", "1", "--kl-head", "labels"]),
-    "default": ("+ dense + 1000-class KL (the default)", []),
+                 ["--dense-weight", "0", "--kl-head", "labels", *NO_NORM]),
+    "kl1000": ("+ KL over all 1000 teacher classes", ["--dense-weight", "0", "--kl-head", "imagenet1k", *NO_NORM]),
+    "dense": ("+ dense token loss (202-class KL)", ["--dense-weight", "1", "--kl-head", "labels", *NO_NORM]),
+    "dense_kl1000": ("+ dense + 1000-class KL", NO_NORM),
+    "default": ("+ dense + 1000-class KL + per-level patch standardisation (the default)", []),
     "fp32": ("the default in fp32 (speed reference)", ["--precision", "fp32"]),
 }
 
@@ -61,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=REPO / "out" / "demo-work")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--variants", default="baseline,kl1000,dense,default")
+    p.add_argument("--variants", default="baseline,kl1000,dense,dense_kl1000,default")
     p.add_argument("--json", type=Path, help="also write the rows here")
     args = p.parse_args(argv)
     names = [v for v in args.variants.split(",") if v]

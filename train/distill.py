@@ -37,7 +37,8 @@ from runtime.data import DataError, ImageRecord, load_images, read_image_list, r
 from runtime.preprocess import ImageError
 from runtime.wavelet import images_to_levels
 from train.evaluate import evaluate, head_rows
-from train.setup import DistillError, choose_labels, init_student, level_weights, param_groups, use_bf16
+from train.setup import (DistillError, choose_labels, init_student, level_weights, param_groups, set_patch_stats,
+                         use_bf16)
 from train.dense import DenseHead, channel_stats, mirror_grid
 from train.losses import distill_loss, lr_at
 from train.teacher_cache import default_cache_dir, teacher_embeddings, teacher_targets
@@ -75,6 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="weight of the dense token-level loss to the teacher's feature map (0: off)")
     p.add_argument("--teacher-views", type=int, choices=[1, 2], default=1,
                    help="teacher passes per image: 1 (mirror reuses them) or 2 (the mirror is run too)")
+    p.add_argument("--no-patch-norm", dest="patch_norm", action="store_false",
+                   help="do not standardise each level's patch values by the data's statistics")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="student training precision (auto: bf16 autocast where the hardware has native bf16)")
     p.add_argument("--level-weights", help="comma-separated weight per level (default equal)")
@@ -155,6 +158,8 @@ def run(args: argparse.Namespace, stop_after: int | None = None) -> dict:
     cfg = base_cfg.replace(embed_dim=teacher.embed_dim)
     torch.manual_seed(args.seed)
     model, init = init_student(cfg, teacher, args.preset)
+    if args.patch_norm and resume is None:
+        set_patch_stats(model, arrays, spec)
     labels = choose_labels(args.labels, kept, str(args.data))
     try:
         head = teacher.head(labels)
@@ -234,7 +239,7 @@ def run(args: argparse.Namespace, stop_after: int | None = None) -> dict:
             "steps": step, "epochs": round(step * bsz / n, 3), "batch_size": bsz, "lr": args.lr,
             "weight_decay": args.weight_decay, "warmup": warmup, "kl_weight": args.kl_weight,
             "kl_head": args.kl_head, "temperature": args.temperature, "dense_weight": args.dense_weight,
-            "teacher_views": args.teacher_views, "precision": "bf16" if bf16 else "fp32",
+            "teacher_views": args.teacher_views, "patch_norm": args.patch_norm, "precision": "bf16" if bf16 else "fp32",
             "level_weights": weights, "seed": args.seed, "device": str(device),
             "threads": torch.get_num_threads(), "wall_time_s": round(prior_wall + time.perf_counter() - t_run, 2),
             "train_seconds": round(secs, 2), "images_seen": images_seen,

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from model.config import WaveCLIPConfig
 from model.teachers import imagenet_classes, Teacher
 from model.waveclip import WaveCLIP
 from runtime.data import ImageRecord
+from runtime.wavelet import images_to_levels
 
 REQUIRES_VIT_INIT = {"waveclip-b16"}  # too big to learn from scratch on a distillation set
 NO_DECAY = {"cls_token", "level_embed", "pos_embed", "cls_pos_embed"}
@@ -86,3 +88,12 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def set_patch_stats(model: WaveCLIP, arrays: np.ndarray, spec: dict, max_images: int = 4096) -> None:
+    """Per-level, per-value mean and std of the training patches (a spread of ``max_images``) into the model."""
+    sample = arrays[:: max(1, len(arrays) // max_images)]
+    for k, p in enumerate(images_to_levels(sample, spec)):
+        flat = torch.from_numpy(p.reshape(-1, p.shape[-1])).double()
+        std = flat.std(0) if len(flat) > 1 else torch.ones(flat.shape[1], dtype=torch.float64)
+        model.set_patch_stats(k, flat.mean(0).float(), std.clamp_min(1e-4).float())

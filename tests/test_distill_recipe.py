@@ -1,0 +1,123 @@
+"""The distillation recipe's levers: dense targets, their mirror, the ONNX Runtime teacher pass, bf16, splits."""
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from model.config import get_preset
+from model.teachers import load_teacher
+from model.waveclip import WaveCLIP
+from runtime.data import ImageRecord
+from train.dense import DenseHead, channel_stats, dense_loss, mirror_grid
+from train.losses import distill_loss
+from train.setup import use_bf16
+from train.teacher_cache import pool_map, teacher_targets
+from train.teacher_onnx import onnx_encoder
+
+TEACHER = "open_clip:ViT-Tiny-Test"
+
+
+def test_mirror_grid_equals_pooling_the_mirrored_map():
+    fmap = torch.randn(2, 5, 7, 7)
+    assert torch.allclose(mirror_grid(pool_map(fmap, 4), 4), pool_map(fmap.flip(-1), 4), atol=1e-6)
+    assert not torch.allclose(pool_map(fmap, 4), pool_map(fmap.flip(-1), 4))
+
+
+def test_pool_map_is_adaptive_average_row_major():
+    fmap = torch.arange(2 * 4 * 4, dtype=torch.float32).reshape(1, 2, 4, 4)
+    pooled = pool_map(fmap, 2)  # [1, 4, 2]
+    assert pooled.shape == (1, 4, 2)
+    assert pooled[0, 1, 0].item() == pytest.approx(fmap[0, 0, :2, 2:].mean().item())  # row 0, column 1
+
+
+def test_dense_loss_and_parts():
+    t = torch.randn(3, 16, 8)
+    assert dense_loss(t * 3, t).item() == pytest.approx(0.0, abs=1e-6)
+    assert dense_loss(-t, t).item() == pytest.approx(2.0, abs=1e-6)
+    emb = torch.randn(3, 4)
+    parts = distill_loss([emb, emb], emb, [0.5, 0.5], dense_pred=[t, -t], dense_target=t, dense_weight=1.0)
+    assert parts.dense == pytest.approx([0.0, 2.0], abs=1e-5) and parts.total.item() == pytest.approx(1.0, abs=1e-5)
+    off = distill_loss([emb], emb, [1.0], dense_pred=[t], dense_target=t, dense_weight=0.0)
+    assert off.dense == [0.0]
+    mean, std = channel_stats(torch.randn(10, 1, 16, 8) * 3 + 1)
+    assert mean.shape == (8,) and (std > 2).all() and (mean.abs() < 1.5).all()
+    assert DenseHead(12, 8)(torch.randn(2, 16, 12)).shape == (2, 16, 8)
+
+
+def test_forward_tokens_leave_embeddings_unchanged():
+    torch.manual_seed(0)
+    cfg = get_preset("waveclip-tiny")
+    model = WaveCLIP(cfg).eval()
+    patches = [torch.randn(2, cfg.patches_per_level, cfg.patch_dim(k)) for k in range(cfg.num_levels)]
+    plain = model(patches)
+    embs, tokens = model(patches, return_tokens=True)
+    assert all(torch.equal(a, b) for a, b in zip(plain, embs))
+    assert [t.shape for t in tokens] == [(2, cfg.patches_per_level, cfg.width)] * cfg.num_levels
+
+
+def test_use_bf16():
+    cpu = torch.device("cpu")
+    assert use_bf16("bf16", cpu) and not use_bf16("fp32", cpu)
+    assert use_bf16("auto", cpu) == (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> list[ImageRecord]:
+    root = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(6):
+        path = root / f"{i}.png"
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(path)
+        records.append(ImageRecord(path))
+    return records
+
+
+def test_onnx_teacher_matches_torch():
+    teacher = load_teacher("efficientnet-lite0")
+    rng = np.random.default_rng(0)
+    pixels = teacher.preprocess([Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for _ in range(3)])
+    encode, backend = onnx_encoder(teacher, pixels[:2], threads=1)
+    assert backend == "onnxruntime"
+    emb, fmap = encode(pixels)
+    ref_emb, ref_map = teacher.encode_with_map(pixels)
+    assert fmap.shape == (3, 320, 7, 7)
+    assert torch.allclose(emb, ref_emb, atol=1e-3) and torch.allclose(fmap, ref_map, atol=1e-3)
+    assert torch.allclose(ref_emb, teacher.encode_image(pixels), atol=1e-5)  # the map path's embedding is the same
+
+
+def test_teacher_targets_cache_dense_maps_and_fall_back_to_torch(images, tmp_path):
+    torch.manual_seed(0)
+    teacher = load_teacher(TEACHER)  # open_clip's fused attention does not export: the torch path is used
+    targets, stats = teacher_targets(teacher, images, tmp_path, flip=True, dense_grid=2, batch_size=4, progress=False)
+    assert targets.emb.shape == (6, 2, teacher.embed_dim) and targets.dense.shape == (6, 2, 4, teacher.width)
+    assert stats["computed"] == 6 and stats["backend"] == "torch"
+    emb, fmap = teacher.encode_with_map(teacher.preprocess([Image.open(images[0].path).transpose(Image.FLIP_LEFT_RIGHT)]))
+    assert torch.allclose(targets.emb[0, 1].float(), emb[0], atol=1e-2)  # view 1 is the mirror
+    assert torch.allclose(targets.dense[0, 1].float(), pool_map(fmap, 2)[0], atol=1e-2)
+    again, stats = teacher_targets(teacher, images, tmp_path, flip=True, dense_grid=2, progress=False)
+    assert stats["computed"] == 0 and torch.equal(again.dense, targets.dense)
+    _, other = teacher_targets(teacher, images[:5], tmp_path, flip=True, dense_grid=2, progress=False)
+    assert other["key"] != stats["key"] and other["computed"] == 5  # another image list: never reused
+
+
+def test_recipe_splits_hold_out_val_and_calib(tmp_path):
+    from train.recipe_demo import distill_list, write_splits
+
+    data = tmp_path / "data"
+    tiny = data / "tiny-imagenet-200"
+    tiny.mkdir(parents=True)
+    (tiny / "classes.csv").write_text("tiny_index,wnid,imagenet1k_index,words\n0,n01443537,1,goldfish\n")
+    rows = [("train/a%d.JPEG" % i, "n01443537", "train") for i in range(25)]
+    rows += [("val/v0.JPEG", "n01443537", "val"), ("test/t0.JPEG", "", "test"), ("train/x.JPEG", "n09999999", "train")]
+    with open(tiny / "labels.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("path", "wnid", "split"), *rows])
+    counts = write_splits(data, tmp_path / "work" / "splits.csv")
+    assert counts == {"calib": 20, "fit": 5, "val": 1, "extra": 1}
+    listed = list(csv.DictReader(open(distill_list(tmp_path / "work" / "splits.csv", tmp_path / "work" / "d.csv"))))
+    assert len(listed) == 6 and {r["split"] for r in listed} == {"fit", "extra"}
+    assert all(not Path(r["path"]).is_absolute() for r in listed)
+    assert (tmp_path / "work" / listed[0]["path"]).resolve().parent.parent == tiny.resolve()
