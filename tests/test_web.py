@@ -30,6 +30,7 @@ from runtime.preprocess import image_to_array, load_image, preprocess
 REPO = Path(__file__).resolve().parents[1]
 WEB = REPO / "apps" / "web"
 BUNDLE = REPO / "models" / "waveclip-demo" / "bundle"
+BUNDLE_INT8 = REPO / "models" / "waveclip-demo" / "bundle-int8"
 EXAMPLES = sorted((REPO / "examples" / "images").glob("*.jpg"))
 PATCH_ATOL = 1e-5
 BORDERLINE = 1e-5  # a margin this close to its threshold may fall either way
@@ -82,9 +83,9 @@ def run_js(node: str, paths: list[Path], arrays: list[np.ndarray], work: Path, *
     return out
 
 
-def python_classify(paths: list[Path]) -> dict:
+def python_classify(paths: list[Path], bundle: Path = BUNDLE) -> dict:
     """``python -m runtime.classify BUNDLE IMAGES --json``, as a user runs it."""
-    proc = subprocess.run([sys.executable, "-m", "runtime.classify", str(BUNDLE), *map(str, paths), "--json"],
+    proc = subprocess.run([sys.executable, "-m", "runtime.classify", str(bundle), *map(str, paths), "--json"],
                           check=True, capture_output=True, text=True, cwd=REPO)
     return json.loads(proc.stdout)
 
@@ -210,6 +211,8 @@ def test_page_in_headless_chromium(node, chromium, tmp_path):
                 {"name": "huge", "file": str(tmp_path / "huge.png")},
                 {"name": "after-errors", "file": str(png)}]  # the page still works after bad input
     cases = [{"name": "demo-bundle", "uploads": uploads},
+             {"name": "int8-folder", "bundle_files": [str(BUNDLE_INT8)],
+              "uploads": [{"name": "int8", "file": str(png)}]},
              {"name": "tampered", "query": "?bundle=/tampered/"},
              {"name": "missing-bundle", "query": "?bundle=/no-such-bundle/"}]
     server = StaticServer(node, {"/tampered/": tampered})
@@ -227,6 +230,11 @@ def test_page_in_headless_chromium(node, chromium, tmp_path):
         assert (page["label"], page["exit_level"]) == (ref["label"], ref["exit_level"]), name
         assert page["class_name"] == ref["class_name"]
         assert len(page["result"]["level_ms"]) == ref["exit_level"] + 1
+    # a bundle folder chosen in the page (the int8 one): its own manifest, graphs and decisions
+    folder = out["int8-folder"]
+    assert folder["state"] == "ready" and "(int8, 4 levels" in folder["bundle_name"], folder
+    int8 = python_classify([png], BUNDLE_INT8)["results"][0]
+    assert (out["int8"]["label"], out["int8"]["exit_level"]) == (int8["label"], int8["exit_level"])
     spec = json.loads((BUNDLE / "manifest.json").read_text())["preprocessing"]
     expected_crop = image_to_array(load_image(png), spec)
     np.testing.assert_array_equal(np.array(out["png"]["crop"], np.uint8).reshape(expected_crop.shape), expected_crop)

@@ -16,7 +16,7 @@ const DEFAULT_MAX_PIXELS = 40e6; // this page's decode limit: larger images are 
 
 const params = new URLSearchParams(location.search);
 const $ = (id) => document.getElementById(id);
-const app = { cascade: null, runs: 0, result: null, crop: null, error: null, providers: [] };
+const app = { cascade: null, runs: 0, bundleLoads: 0, result: null, crop: null, error: null, providers: [] };
 window.__waveclip = app; // read by the browser test and the benchmark
 
 class ImageError extends Error {}
@@ -85,6 +85,7 @@ async function openBundle(reader, label) {
     showMessage(`Cannot use the bundle at ${reader.where}: ${describe(e)}`);
     setState("error");
   }
+  document.body.dataset.bundles = String(++app.bundleLoads);
 }
 
 /** Decode an image Blob to packed RGB (EXIF orientation applied, alpha composited on white). */
@@ -215,6 +216,7 @@ async function classifyBlob(blob, name) {
     const { crop, levels } = preprocessRGB(decoded.rgb, decoded.width, decoded.height, app.cascade.bundle.manifest.preprocessing);
     const preMs = performance.now() - t0;
     app.levels = levels;
+    app.decoded = decoded;
     const result = await app.cascade.classify(levels);
     if (run !== app.runs) return; // a newer image replaced this one
     app.result = result;
@@ -230,15 +232,21 @@ async function classifyBlob(blob, name) {
   document.body.dataset.run = String(run);
 }
 
-/** Time every level `runs` times on the last image, all levels forced (for bench/ only). */
+/** Time preprocessing and every level `runs` times on the last image, all levels forced (for bench/ only). */
 app.bench = async (runs) => {
+  const spec = app.cascade.bundle.manifest.preprocessing;
   const thresholds = app.cascade.thresholds.map(() => Infinity);
-  const perLevel = app.cascade.bundle.manifest.levels.map(() => []);
+  const perLevel = app.cascade.bundle.manifest.levels.map(() => []), preprocess = [];
+  await app.cascade.classify(app.levels, { thresholds }); // warm-up
   for (let i = 0; i < runs; i++) {
+    const t0 = performance.now();
+    preprocessRGB(app.decoded.rgb, app.decoded.width, app.decoded.height, spec);
+    preprocess.push(performance.now() - t0);
     const r = await app.cascade.classify(app.levels, { thresholds });
     r.level_ms.forEach((ms, k) => perLevel[k].push(ms));
   }
-  return { providers: app.providers, threads: ort.env.wasm.numThreads ?? null, isolated: self.crossOriginIsolated, perLevel };
+  return { providers: app.providers, threads: ort.env.wasm.numThreads ?? null, isolated: self.crossOriginIsolated,
+           preprocess, perLevel };
 };
 
 function setupInputs() {

@@ -4,6 +4,7 @@
 //   node test/browser.js --chromium PATH --url http://127.0.0.1:PORT/apps/web/ --cases cases.json --out out.json
 //
 // cases.json: [{"name", "query": "?ep=wasm" (optional), "screenshot": "x.png" (optional),
+//               "bundle_files": [folder] (optional: then choose this folder in the page's bundle picker),
 //               "uploads": [{"name", "file", "screenshot" (optional), "bench": N (optional)}] (optional)}]
 // Each case opens the page once and reads what it shows after loading; then each upload chooses a file in the
 // page's file input, as a user would, and reads what the page shows then: state, label, exit level, margin,
@@ -27,6 +28,10 @@ for (const key of ["chromium", "url", "cases", "out"]) {
 }
 const timeout = Number(args.timeout);
 
+async function bundleSettled(page, previousLoads) {
+  await page.waitForFunction((n) => Number(document.body.dataset.bundles) > n, { timeout, polling: 50 }, previousLoads);
+}
+
 async function settled(page, previousRun) {
   // The page sets body[data-state] to ready | done | error (and body[data-run] after each image).
   await page.waitForFunction((run) => {
@@ -44,6 +49,7 @@ async function readPage(page) {
       state: document.body.dataset.state,
       message: document.getElementById("message").hidden ? "" : text("message"),
       bundle_status: text("bundle-status"),
+      bundle_name: text("bundle-name"),
       label: document.getElementById("label").dataset.label || null,
       class_name: text("label") || null,
       exit_level: text("exit-level") === "" ? null : Number(text("exit-level")),
@@ -75,6 +81,10 @@ try {
     const t0 = Date.now();
     await page.goto(new URL(c.query || "", args.url).href, { waitUntil: "load", timeout });
     await settled(page, null);
+    if (c.bundle_files) {
+      await (await page.$("#bundle-input")).uploadFile(...c.bundle_files);
+      await bundleSettled(page, 1);
+    }
     outputs.push({ name: c.name, load_ms: Date.now() - t0, ...(await readPage(page)), console: [...log] });
     if (c.screenshot) await page.screenshot({ path: c.screenshot, fullPage: true });
     for (const [i, upload] of (c.uploads || []).entries()) {
