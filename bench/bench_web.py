@@ -4,7 +4,9 @@
 
 Both sides get the same decoded RGB of the shipped images (the page decodes the file itself; Pillow decodes it for
 Python), run every level (gate forced open) at batch 1, and time each level including the head and gate, warm-up
-excluded. Medians over images x runs, side by side in one run. Needs node, apps/web/node_modules and chromium.
+excluded ("level k": the cascade's time for that level, head and gate included; "graph only": the level's session
+run alone, fed the real KV cache). Medians over images x runs, side by side in one run. Needs node,
+apps/web/node_modules and chromium.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from runtime.bundle import load_bundle  # noqa: E402
 from runtime.cascade import Cascade  # noqa: E402
 from runtime.preprocess import image_to_array, load_image  # noqa: E402
-from runtime.timing import time_calls  # noqa: E402
+from runtime.timing import level_times, time_calls  # noqa: E402
 from runtime.wavelet import images_to_levels  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,6 +48,7 @@ def python_side(bundle_dir: Path, images: list[Path], threads: int, runs: int) -
     cascade = Cascade(bundle, "onnxruntime", thresholds=2.0, threads=threads)  # a margin never reaches 2: all levels
     per_level: list[list[float]] = [[] for _ in range(bundle.num_levels)]
     pre: list[float] = []
+    graph_only: list[list[float]] = [[] for _ in range(bundle.num_levels)]
     for path in images:
         rgb = load_image(path)
         levels = images_to_levels(image_to_array(rgb, spec)[None], spec)
@@ -54,7 +57,9 @@ def python_side(bundle_dir: Path, images: list[Path], threads: int, runs: int) -
         for _ in range(runs):
             for k, ms in enumerate(cascade.classify_levels(levels)[0].level_ms):
                 per_level[k].append(ms)
-    return {"preprocess": pre, "perLevel": per_level}
+        for k, times in enumerate(level_times(cascade.backend, levels, runs, warmup=1)):
+            graph_only[k] += times
+    return {"preprocess": pre, "perLevel": per_level, "graphOnly": graph_only}
 
 
 def browser_side(node: str, chromium: str, images: list[Path], threads: list[int], runs: int,
@@ -85,6 +90,7 @@ def browser_side(node: str, chromium: str, images: list[Path], threads: list[int
         levels = len(benches[0]["perLevel"])
         result[t] = {"preprocess": [ms for b in benches for ms in b["preprocess"]],
                      "perLevel": [[ms for b in benches for ms in b["perLevel"][k]] for k in range(levels)],
+                     "graphOnly": [[ms for b in benches for ms in b["graphOnly"][k]] for k in range(levels)],
                      "threads_reported": benches[0]["threads"], "isolated": benches[0]["isolated"]}
     return result
 
@@ -114,6 +120,7 @@ def main() -> int:
         rows = [("preprocess", py["preprocess"], web["preprocess"])]
         rows += [(f"level {k}", py["perLevel"][k], web["perLevel"][k]) for k in range(len(py["perLevel"]))]
         rows.append(("all levels", [sum(x) for x in zip(*py["perLevel"])], [sum(x) for x in zip(*web["perLevel"])]))
+        rows += [(f"level {k} graph only", py["graphOnly"][k], web["graphOnly"][k]) for k in range(len(py["graphOnly"]))]
         for name, a, b in rows:
             print(f"| {t} (page: {web['threads_reported']}) | {name} | {med(a):.3f} | {med(b):.3f} | "
                   f"{med(b) / med(a):.2f}x |")

@@ -8,8 +8,9 @@ What is compared, and why it is a fair comparison:
 - Decisions: the JS cascade (onnxruntime-node) on those patches against ``python -m runtime.classify --json`` on the
   image files: same label and exit level, except where the gate margin is within 1e-5 of its threshold (two float
   implementations may legitimately disagree there; such cases are counted and must stay rare).
-- Browser: the page, served from 127.0.0.1, gets files through its file input as a user would; for a PNG (decoded
-  losslessly by both sides) its crop must equal Pillow's and its label and exit level equal runtime.classify's.
+- Browser: the page, served from 127.0.0.1, gets files through its file input as a user would, decodes them itself,
+  and its model input (the 8-bit crop) must equal Pillow's, its label and exit level runtime.classify's: for a PNG
+  (lossless) and for the shipped JPEGs (Chromium and Pillow both decode with libjpeg-turbo).
 """
 from __future__ import annotations
 
@@ -236,8 +237,11 @@ def test_page_in_headless_chromium(node, chromium, tmp_path):
     int8 = python_classify([png], BUNDLE_INT8)["results"][0]
     assert (out["int8"]["label"], out["int8"]["exit_level"]) == (int8["label"], int8["exit_level"])
     spec = json.loads((BUNDLE / "manifest.json").read_text())["preprocessing"]
-    expected_crop = image_to_array(load_image(png), spec)
-    np.testing.assert_array_equal(np.array(out["png"]["crop"], np.uint8).reshape(expected_crop.shape), expected_crop)
+    for name, source in [("png", png)] + [(p.name, p) for p in EXAMPLES]:
+        expected_crop = image_to_array(load_image(source), spec)
+        crop = np.array(out[name]["crop"], np.uint8).reshape(expected_crop.shape)
+        # PNG: lossless, so any difference is the page's; JPEG: Chromium's libjpeg-turbo decodes as Pillow's does
+        np.testing.assert_array_equal(crop, expected_crop, err_msg=f"{name}: the page's model input differs")
     assert (tmp_path / "page.png").stat().st_size > 20_000
 
     expected_messages = {"text": "is not an image", "fake-jpeg": "is not an image this browser can decode",

@@ -245,8 +245,9 @@ app.bench = async (runs) => {
     const r = await app.cascade.classify(app.levels, { thresholds });
     r.level_ms.forEach((ms, k) => perLevel[k].push(ms));
   }
+  const graphOnly = await app.cascade.timeLevels(app.levels, runs);
   return { providers: app.providers, threads: ort.env.wasm.numThreads ?? null, isolated: self.crossOriginIsolated,
-           preprocess, perLevel };
+           preprocess, perLevel, graphOnly };
 };
 
 function setupInputs() {

@@ -102,6 +102,35 @@ export class Cascade {
     };
   }
 
+  /**
+   * Milliseconds of each level graph alone (session.run, no head or gate), `runs` times after one warm-up, fed the
+   * real KV cache of the levels before it.
+   */
+  async timeLevels(levels, runs) {
+    const m = this.bundle.manifest;
+    const feeds = [];
+    let past = null;
+    for (let k = 0; k < this.numLevels; k++) {
+      const spec = m.preprocessing.levels[k];
+      const f = { [patchInputName(m, k)]: new this.ort.Tensor("float32", levels[k], [1, spec.tokens, spec.values_per_token]) };
+      pastNames(m, k).forEach((name, i) => { f[name] = past[i]; });
+      feeds.push(f);
+      const out = await this.sessions[k].run(f);
+      past = this.present.map((name) => out[name]);
+    }
+    const times = [];
+    for (let k = 0; k < this.numLevels; k++) {
+      const t = [];
+      for (let i = 0; i <= runs; i++) {
+        const t0 = now();
+        await this.sessions[k].run(feeds[k]);
+        if (i) t.push(now() - t0);
+      }
+      times.push(t);
+    }
+    return times;
+  }
+
   /** Run every level once on zeros, so that the first image's ms per level are not the one-off kernel set-up. */
   async warmUp() {
     const zeros = this.bundle.manifest.preprocessing.levels.map((l) => new Float32Array(l.tokens * l.values_per_token));
