@@ -203,6 +203,9 @@ def test_page_in_headless_chromium(node, chromium, tmp_path):
     weights = bytearray((tampered / "head_weight.bin").read_bytes())
     weights[100] ^= 0xFF
     (tampered / "head_weight.bin").write_bytes(bytes(weights))
+    broken = tmp_path / "no-node-modules"  # the page without `npm ci`: its scripts cannot load
+    shutil.copytree(WEB / "src", broken / "src")
+    shutil.copy(WEB / "index.html", broken)
 
     uploads = [{"name": p.name, "file": str(p)} for p in EXAMPLES]
     uploads[0]["screenshot"] = str(tmp_path / "page.png")
@@ -215,8 +218,9 @@ def test_page_in_headless_chromium(node, chromium, tmp_path):
              {"name": "int8-folder", "bundle_files": [str(BUNDLE_INT8)],
               "uploads": [{"name": "int8", "file": str(png)}]},
              {"name": "tampered", "query": "?bundle=/tampered/"},
-             {"name": "missing-bundle", "query": "?bundle=/no-such-bundle/"}]
-    server = StaticServer(node, {"/tampered/": tampered})
+             {"name": "missing-bundle", "query": "?bundle=/no-such-bundle/"},
+             {"name": "no-scripts", "query": "/broken/index.html"}]
+    server = StaticServer(node, {"/tampered/": tampered, "/broken/": broken})
     try:
         out = run_browser(node, chromium, server.url, cases, tmp_path)
     finally:
@@ -246,7 +250,8 @@ def test_page_in_headless_chromium(node, chromium, tmp_path):
 
     expected_messages = {"text": "is not an image", "fake-jpeg": "is not an image this browser can decode",
                          "huge": "megapixels", "tampered": "head_weight.bin does not match its sha256",
-                         "missing-bundle": "missing from the bundle (HTTP 404)"}
+                         "missing-bundle": "missing from the bundle (HTTP 404)",
+                         "no-scripts": "scripts could not load (run npm ci in apps/web)"}
     for name, words in expected_messages.items():
         page = out[name]
         assert page["state"] == "error" and words in page["message"], (name, page["message"])

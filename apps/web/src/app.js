@@ -49,6 +49,8 @@ async function chooseProviders() {
 
 async function openBundle(reader, label) {
   setState("loading");
+  showMessage("");
+  $("result").hidden = true;
   $("image-input").disabled = true;
   $("bundle-name").textContent = label;
   const status = $("bundle-status");
@@ -61,17 +63,21 @@ async function openBundle(reader, label) {
     if (app.cascade) await app.cascade.release();
     app.cascade = null;
     let providers = await chooseProviders();
+    const start = async () => {
+      const created = await Cascade.create(ort, bundle, { executionProviders: providers });
+      status.textContent = "warming up…";
+      await created.warmUp();
+      return created;
+    };
     let cascade;
     try {
-      cascade = await Cascade.create(ort, bundle, { executionProviders: providers });
+      cascade = await start();
     } catch (e) {
       if (providers[0] !== "webgpu") throw e;
       providers = ["wasm"];
       showMessage(`WebGPU failed (${e.message}): using WASM.`, "note");
-      cascade = await Cascade.create(ort, bundle, { executionProviders: providers });
+      cascade = await start();
     }
-    status.textContent = "warming up…";
-    await cascade.warmUp();
     app.cascade = cascade;
     app.providers = providers;
     const m = bundle.manifest;
