@@ -185,9 +185,10 @@ class StaticServer:
 
 def run_browser(node: str, chromium: str, url: str, cases: list[dict], work: Path) -> dict:
     (work / "cases.json").write_text(json.dumps(cases))
-    subprocess.run([node, str(WEB / "test" / "browser.js"), "--chromium", chromium, "--url", url,
-                    "--cases", str(work / "cases.json"), "--out", str(work / "out.json")], check=True, cwd=WEB,
-                   timeout=600)
+    proc = subprocess.run([node, str(WEB / "test" / "browser.js"), "--chromium", chromium, "--url", url,
+                           "--cases", str(work / "cases.json"), "--out", str(work / "out.json")], cwd=WEB,
+                          capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, f"browser driver failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     return {c["name"]: c for c in json.loads((work / "out.json").read_text())}
 
 

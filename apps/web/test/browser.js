@@ -18,7 +18,7 @@ import puppeteer from "puppeteer-core";
 
 const { values: args } = parseArgs({
   options: { chromium: { type: "string" }, url: { type: "string" }, cases: { type: "string" }, out: { type: "string" },
-             timeout: { type: "string", default: "120000" } },
+             timeout: { type: "string", default: "300000" } },
 });
 for (const key of ["chromium", "url", "cases", "out"]) {
   if (!args[key]) {
