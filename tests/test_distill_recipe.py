@@ -121,3 +121,23 @@ def test_recipe_splits_hold_out_val_and_calib(tmp_path):
     assert len(listed) == 6 and {r["split"] for r in listed} == {"fit", "extra"}
     assert all(not Path(r["path"]).is_absolute() for r in listed)
     assert (tmp_path / "work" / listed[0]["path"]).resolve().parent.parent == tiny.resolve()
+
+
+@pytest.mark.slow
+def test_b16_preset_from_a_vit_b16_teacher_runs_with_dense_targets(images, tmp_path):
+    """The waveclip-b16 path (student initialised from the teacher's ViT-B-16 blocks, dense targets from its 14x14
+    patch tokens pooled to the 7x7 grid) runs two steps and resumes; random teacher weights (none can be had here)."""
+    from model.checkpoint import load_checkpoint
+    from train import distill
+
+    folder = images[0].path.parent
+    (tmp_path / "labels.txt").write_text("n01440764\nn01443537\n")  # a zero-shot head of 2 classes: cheap
+    args = ["--teacher", "open_clip:ViT-B-16", "--data", str(folder), "--preset", "waveclip-b16", "--labels",
+            str(tmp_path / "labels.txt"), "--out", str(tmp_path / "b16.pt"), "--batch-size", "2", "--threads", "2",
+            "--cache-dir", str(tmp_path / "cache"), "--save-every", "0"]
+    assert distill.main([*args, "--steps", "1"]) == 0
+    assert distill.main([*args, "--steps", "2", "--resume"]) == 0
+    model, ckpt = load_checkpoint(tmp_path / "b16.pt")
+    prov = ckpt["provenance"]
+    assert prov["init"] == "vit:open_clip:ViT-B-16" and prov["steps"] == 2 and prov["dense_weight"] == 1.0
+    assert prov["final_losses"]["dense"][0] > 0 and ckpt["train_state"]["dense_head"]["proj.weight"].shape == (768, 768)
