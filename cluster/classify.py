@@ -12,7 +12,6 @@ import logging
 import re
 import sys
 import time
-from pathlib import Path
 from typing import Sequence
 
 from tqdm import tqdm

@@ -68,9 +68,12 @@ def _read_parquet_list(source: Path, split: str | None) -> pa.Table:
                     schema=IMAGE_LIST_SCHEMA)
 
 
-def blocks(table: pa.Table, batch_size: int, target_blocks: int = 64, max_rows: int = 4096) -> list[pa.Table]:
-    """Split the list into blocks for Ray Data: enough of them that every worker gets work, each a whole number of
-    batches and at most ``max_rows`` rows."""
-    per_block = -(-table.num_rows // target_blocks)
-    per_block = min(max(batch_size, -(-per_block // batch_size) * batch_size), max(max_rows, batch_size))
-    return [table.slice(i, per_block) for i in range(0, table.num_rows, per_block)]
+def blocks(table: pa.Table, batch_size: int, min_blocks: int = 16, rows_per_block: int = 256,
+           max_blocks: int = 4096) -> list[pa.Table]:
+    """Split the list into blocks for Ray Data, each a whole number of batches: at least ``min_blocks`` so every
+    worker has work, else ``rows_per_block`` rows (each block is one Ray task per stage, and a task costs
+    milliseconds of scheduling), and never more than ``max_blocks`` blocks."""
+    n = table.num_rows
+    per_block = max(min(-(-n // min_blocks), rows_per_block), -(-n // max_blocks))
+    per_block = max(batch_size, -(-per_block // batch_size) * batch_size)
+    return [table.slice(i, per_block) for i in range(0, n, per_block)]

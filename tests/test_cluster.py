@@ -248,6 +248,35 @@ def test_gate_refuses_a_parquet_without_levels(ray_session, tmp_path, capsys):
         level_stats(load_bundle(BUNDLE), out, None)
 
 
+def test_worker_builds_the_bundle_from_shipped_files(images, tmp_path):
+    """On a node without the driver's folder the actor writes the shipped bundle bytes to a temp folder."""
+    from cluster.pipeline import RunConfig, bundle_files, decode_batch, manifest_digest
+
+    bundle = load_bundle(BUNDLE)
+    config = RunConfig(str(tmp_path / "not-on-this-node"), manifest_digest(bundle), tuple(bundle.thresholds),
+                       False, 1, 8)
+    with pytest.raises(FileNotFoundError):
+        CascadeWorker(config)
+    worker = CascadeWorker(config, bundle_files(bundle))
+    paths = sorted(str(p) for p in images[0].iterdir() if p.name != "broken.jpg")[:8]
+    batch = {"row": np.arange(8), "path": np.array(paths, object), "input_label": np.array([None] * 8, object)}
+    got = worker(decode_batch(batch, bundle.preprocessing)).to_pylist()
+    want = Cascade(bundle).classify(paths)
+    assert [(r["label"], r["exit_level"]) for r in got] == [(w.label, w.exit_level) for w in want]
+
+
+@pytest.mark.slow
+def test_address_runs_the_same_command_on_an_existing_cluster(ray_session, images, reference, tmp_path):
+    """The module's Ray is the 'existing cluster'; the CLI connects with --address (code shipped as py_modules)."""
+    out = tmp_path / "out.parquet"
+    address = ray_session.get_runtime_context().gcs_address
+    proc = subprocess.run([sys.executable, "-m", "cluster.classify", str(BUNDLE), "--data", str(images[0]), "--out",
+                           str(out), "--address", address, "--actors", "1", "-q"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert_equal_to_runtime(rows_of(out), reference, N + 1)
+
+
 def test_runtime_never_imports_ray_or_torch(tmp_path):
     code = ("import sys, runtime.classify, runtime.cascade, runtime.data, runtime.backends.ort, runtime.timing; "
             "bad = [m for m in ('ray', 'torch', 'pyarrow', 'cluster') if m in sys.modules]; assert not bad, bad")
