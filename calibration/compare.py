@@ -1,7 +1,14 @@
 """fp32 vs int8 on held-out images: top-1 agreement and embedding cosine per level (each level forced), and the cascade
-(label and exit level with the bundle's gate thresholds)."""
+(label and exit level with the bundle's gate thresholds).
+
+``python -m calibration.compare FP32.parquet INT8.parquet``: the same comparison (no cosines) from two runs of
+``python -m cluster.classify BUNDLE --levels all`` over the same images, for sets too large for one machine.
+"""
 from __future__ import annotations
 
+import argparse
+import json
+import sys
 from typing import Sequence
 
 import numpy as np
@@ -78,8 +85,11 @@ def format_table(report: dict) -> str:
     acc = "accuracy_fp32" in report["levels"][0]
     head = "| level | top-1 agreement | cosine mean | cosine min |" + (" acc fp32 | acc int8 |" if acc else "")
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
+    def cos(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.5f}"
+
     for e in report["levels"]:
-        row = f"| {e['level']} | {e['top1_agreement']:.2%} | {e['cosine_mean']:.5f} | {e['cosine_min']:.5f} |"
+        row = f"| {e['level']} | {e['top1_agreement']:.2%} | {cos(e['cosine_mean'])} | {cos(e['cosine_min'])} |"
         if acc:
             row += f" {e['accuracy_fp32']:.2%} | {e['accuracy_int8']:.2%} |"
         rows.append(row)
@@ -89,3 +99,30 @@ def format_table(report: dict) -> str:
                 f"{c['mean_exit_level_fp32']:.2f} fp32 / {c['mean_exit_level_int8']:.2f} int8 "
                 f"({report['images']} held-out images, int8 on {report['int8_backend']})")
     return "\n".join(rows)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from calibration.gate_search import GateError
+    from calibration.level_table import compare_tables
+
+    p = argparse.ArgumentParser(prog="python -m calibration.compare",
+                                description="fp32 vs int8 from two runs of `python -m cluster.classify BUNDLE "
+                                            "--levels all` over the same images: per-level top-1 agreement (and "
+                                            "accuracy with labels) and cascade agreement; no embedding cosines.")
+    p.add_argument("fp32", help="Parquet of cluster.classify --levels all with the fp32 bundle")
+    p.add_argument("int8", help="Parquet of cluster.classify --levels all with the int8 bundle, same images")
+    p.add_argument("--min-agreement", type=float, default=0.99,
+                   help="exit 1 when any level's top-1 agreement is lower (default 0.99)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    args = p.parse_args(argv)
+    try:
+        report = compare_tables(args.fp32, args.int8)
+    except GateError as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=2) if args.json else format_table(report))
+    return 0 if report["min_top1_agreement"] >= args.min_agreement else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

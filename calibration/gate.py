@@ -21,6 +21,7 @@ from calibration.gate_report import curve_rows, format_table, plot_curve, write_
 from calibration.gate_search import (  # noqa: F401  (re-exported: the evaluation script imports them from here)
     NEVER, Choice, GateError, Grid, LevelStats, Target, candidate_thresholds, choose_thresholds, evaluate_grid,
     exit_levels, pareto_front, simulate, simulate_many)
+from calibration.level_table import is_parquet, level_stats
 from runtime.backends import BACKENDS, BackendError, create_backend
 from runtime.bundle import MANIFEST, Bundle, BundleError, load_bundle
 from runtime.cascade import Cascade, margins
@@ -136,7 +137,9 @@ def write_gate(bundle_dir: str | os.PathLike, thresholds: Sequence[float], calib
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m calibration.gate", description=__doc__.split(":", 1)[1].strip())
     p.add_argument("bundle", help="bundle folder (thresholds are written into its manifest.json)")
-    p.add_argument("--data", required=True, help="image folder or CSV (path/file, wnid/label, split columns)")
+    p.add_argument("--data", required=True,
+                   help="image folder or CSV (path/file, wnid/label, split columns), or the Parquet of "
+                        "`python -m cluster.classify BUNDLE --levels all` (per-level predictions computed once)")
     p.add_argument("--split", help="CSV split to use (e.g. val)")
     p.add_argument("--limit", type=int, help="use a deterministic, class-balanced subset of N images")
     t = p.add_mutually_exclusive_group()
@@ -175,6 +178,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def measure_images(bundle: Bundle, args: argparse.Namespace) -> tuple[LevelStats, str]:
+    """LevelStats of ``args.data`` (a folder or CSV) measured here, and the reference (labels or full)."""
+    records = read_image_list(args.data, args.split, args.limit, args.seed)
+    has_labels = any(r.label is not None for r in records)
+    reference = args.reference or ("labels" if has_labels else "full")
+    if reference == "labels" and not has_labels:
+        raise GateError(f"{args.data}: no labels (use --reference full)")
+    cascade = Cascade(bundle, args.backend)
+    if reference == "full" and has_labels:  # labels optional: keep every image, report accuracy only if all match
+        lookup = head_columns(cascade)
+        if not all(r.label in lookup for r in records):
+            print("note: labels not all in the head; ignored (agreement with the full model only)", file=sys.stderr)
+            records = [ImageRecord(r.path) for r in records]
+    return measure_levels(cascade, records, args.batch_size, progress=sys.stderr.isatty()), reference
+
+
 def run(args: argparse.Namespace) -> int:
     from devices.profile_config import load_profile
 
@@ -191,18 +210,12 @@ def run(args: argparse.Namespace) -> int:
                         "meet it")
     profile = load_profile(args.device) if args.device else None
     level_ms = read_latency_json(args.latency_json, L) if args.latency_json else None
-    records = read_image_list(args.data, args.split, args.limit, args.seed)
-    has_labels = any(r.label is not None for r in records)
-    reference = args.reference or ("labels" if has_labels else "full")
-    if reference == "labels" and not has_labels:
-        raise GateError(f"{args.data}: no labels (use --reference full)")
-    cascade = Cascade(bundle, args.backend)
-    if reference == "full" and has_labels:  # labels optional: keep every image, report accuracy only if all match
-        lookup = head_columns(cascade)
-        if not all(r.label in lookup for r in records):
-            print("note: labels not all in the head; ignored (agreement with the full model only)", file=sys.stderr)
-            records = [ImageRecord(r.path) for r in records]
-    stats = measure_levels(cascade, records, args.batch_size, progress=sys.stderr.isatty())
+    if is_parquet(args.data):  # per-level predictions computed once (python -m cluster.classify --levels all)
+        if args.split or args.limit:
+            raise GateError("--split / --limit choose images for cluster.classify; its Parquet is used whole")
+        stats, reference = level_stats(bundle, args.data, args.reference)
+    else:
+        stats, reference = measure_images(bundle, args)
     latency_source = args.latency_json
     if profile is not None and level_ms is None:
         first = images_to_levels(load_images([ImageRecord(Path(stats.paths[0]))], bundle.preprocessing)[0],
