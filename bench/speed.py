@@ -181,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vit", default="auto", metavar="auto|PATH.onnx",
                    help="the baseline: auto = open_clip ViT-B-16 exported once (devices.baseline), or an ONNX file")
     p.add_argument("--no-memory", action="store_true", help="skip the resident-memory probes")
+    p.add_argument("--memory-json", metavar="PATH",
+                   help="reuse the memory probes stored here (or store them here when the file does not exist)")
+    p.add_argument("--prepare", action="store_true",
+                   help="only make the baselines and memory probes (--memory-json), e.g. before a quiet timed run")
     p.add_argument("--json", help="write every number here")
     p.add_argument("--probe-memory", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -261,12 +265,21 @@ def main(argv: list[str] | None = None) -> int:
 
             batch_items[f"{s.label}|mix"] = mixed_batch
     mem: dict[str, dict] = {}
-    if not args.no_memory:
-        for s in run:
+    cached = Path(args.memory_json) if args.memory_json else None
+    if cached is not None and cached.is_file():
+        mem = json.loads(cached.read_text())
+        log(f"memory: read from {cached}")
+    elif not args.no_memory:
+        for s in run:  # resident memory is not a timing: measured in fresh processes before the timed rounds
             log(f"memory: {s.label} ...")
             mem[s.label] = memory(s, "cascade", images_file, args.threads)
             if s.vit_row == s.label:
                 mem[f"{s.label}|vit"] = memory(s, "vit", images_file, args.threads)
+        if cached is not None:
+            cached.write_text(json.dumps(mem, indent=2) + "\n")
+    if args.prepare:
+        log("prepared (baselines quantized, memory probed); no timing")
+        return 0
     log(f"timing: {args.rounds} rounds at batch 1, {args.batch_rounds} at batch {args.batch}, interleaved")
     for fn in items.values():  # warm-up, then the plans start over
         fn()

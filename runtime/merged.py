@@ -44,79 +44,80 @@ def _rename_graph(graph: onnx.GraphProto, rename: dict[str, str]) -> None:
         out.name = rename.get(out.name, out.name)
 
 
+def _typed(name: str, like: onnx.ValueInfoProto, shape=None) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, like.type.tensor_type.elem_type, shape)
+
+
+def _branch(k: int, graph: onnx.GraphProto, shared: dict[tuple, str]) -> onnx.GraphProto:
+    """Level k's graph as an If branch: its inputs become outer-scope values, its external weights the outer graph's
+    shared initializers, every other value name prefixed ``L{k}/`` (no clash between scopes)."""
+    inputs = {i.name for i in graph.input}
+    rename: dict[str, str] = {}
+    local = []
+    for t in graph.initializer:
+        key = external_key(t)
+        if key is None:  # small inline constants stay in the branch
+            rename[t.name] = t.name = f"L{k}/{t.name}"
+            local.append(t)
+        else:
+            rename[t.name] = shared.setdefault(key, f"w/{len(shared)}")
+    for node in graph.node:
+        for name in node.output:
+            rename.setdefault(name, f"L{k}/{name}")
+    for name in inputs:
+        rename.pop(name, None)
+    _rename_graph(graph, rename)
+    return helper.make_graph(list(graph.node), f"level{k}", [], [_typed(o.name, o) for o in graph.output], local)
+
+
 def merge_levels(bundle: Bundle) -> tuple[onnx.ModelProto, list[tuple[str, tuple]]]:
     """The merged graph (weights external, not loaded) and, for each outer initializer, its name and the region of
     the bundle file that holds it: (location, offset, length, onnx dtype, dims)."""
     shared: dict[tuple, str] = {}
     branches, opsets, ir_version = [], {}, 0
-    outputs: list[onnx.ValueInfoProto] = []
-    kv_inputs: list[onnx.ValueInfoProto] = []
-    patches_input = None
     for k in range(bundle.num_levels):
         model = onnx.load(str(bundle.level_path(k)), load_external_data=False)
         ir_version = max(ir_version, model.ir_version)
         for op in model.opset_import:
             opsets[op.domain] = max(opsets.get(op.domain, 0), op.version)
-        g = model.graph
-        inputs = {i.name for i in g.input}
         if k == 0:
-            patches_input = next(i for i in g.input if i.name == "patches")
-            outputs = [onnx.ValueInfoProto(name=o.name, type=o.type) for o in g.output]
-        elif not kv_inputs:
-            kv_inputs = [i for i in g.input if i.name != "patches"]
-        rename: dict[str, str] = {}
-        local_inits = []
-        for t in g.initializer:
-            key = external_key(t)
-            if key is None:  # small inline constants stay in the branch
-                rename[t.name] = f"L{k}/{t.name}"
-                t.name = rename[t.name]
-                local_inits.append(t)
-            else:
-                rename[t.name] = shared.setdefault(key, f"w/{len(shared)}")
-        for node in g.node:
-            for name in node.output:
-                rename.setdefault(name, f"L{k}/{name}")
-        for out in g.output:  # a graph output that is directly an input or initializer goes through an Identity
-            rename.setdefault(out.name, f"L{k}/{out.name}")
-        for name in inputs:
-            rename.pop(name, None)
-        _rename_graph(g, rename)
-        body = helper.make_graph(list(g.node), f"level{k}", [], [helper.make_tensor_value_info(o.name, o.type.tensor_type.elem_type, None) for o in g.output],
-                                 local_inits)
-        branches.append(body)
+            patches_input = next(i for i in model.graph.input if i.name == "patches")
+            outputs = [onnx.ValueInfoProto(name=o.name, type=o.type) for o in model.graph.output]
+        elif k == 1:
+            kv_inputs = [i for i in model.graph.input if i.name != "patches"]
+        branches.append(_branch(k, model.graph, shared))
     out_names = [o.name for o in outputs]
 
     def chain(k: int) -> onnx.GraphProto:
-        """Branch graph that runs level k if ``level == k`` else the levels after it."""
+        """The graph that runs level k if ``level == k``, else the levels after it."""
         if k == len(branches) - 1:
             return branches[k]
-        cond, names = f"is_level{k}", [f"sel{k}/{n}" for n in out_names]
-        nodes = [helper.make_node("Constant", [], [f"const{k}"], value=helper.make_tensor(f"c{k}", TensorProto.INT64, [], [k])),
-                 helper.make_node("Equal", [LEVEL_INPUT, f"const{k}"], [cond]),
-                 helper.make_node("If", [cond], names, then_branch=branches[k], else_branch=chain(k + 1))]
-        return helper.make_graph(nodes, f"select{k}", [], [helper.make_tensor_value_info(n, o.type.tensor_type.elem_type, None) for n, o in zip(names, outputs)])
+        names = [f"sel{k}/{n}" for n in out_names]
+        const = helper.make_tensor(f"c{k}", TensorProto.INT64, [], [k])
+        nodes = [helper.make_node("Constant", [], [f"const{k}"], value=const),
+                 helper.make_node("Equal", [LEVEL_INPUT, f"const{k}"], [f"is_level{k}"]),
+                 helper.make_node("If", [f"is_level{k}"], names, then_branch=branches[k], else_branch=chain(k + 1))]
+        return helper.make_graph(nodes, f"select{k}", [], [_typed(n, o) for n, o in zip(names, outputs)])
 
     top = chain(0)
-    # the outermost selector's outputs carry the level graphs' output names
-    _rename_graph(top, {o.name: n for o, n in zip(top.output, out_names)})
-    initializers = []
-    regions = []
+    _rename_graph(top, {o.name: n for o, n in zip(top.output, out_names)})  # the outer If yields the level names
+    initializers, regions = [], []
     for key, name in shared.items():
         location, offset, length, dtype, dims = key
         t = TensorProto(name=name, data_type=dtype, dims=list(dims), data_location=TensorProto.EXTERNAL)
-        for kk, vv in (("location", location), ("offset", str(offset)), ("length", str(length))):
-            e = t.external_data.add()
-            e.key, e.value = kk, vv
+        for field, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+            entry = t.external_data.add()
+            entry.key, entry.value = field, value
         initializers.append(t)
         regions.append((name, key))
-    level_in = helper.make_tensor_value_info(LEVEL_INPUT, TensorProto.INT64, [])
     pdims = patches_input.type.tensor_type.shape.dim
-    patches = helper.make_tensor_value_info("patches", patches_input.type.tensor_type.elem_type,
-                                            ["batch", pdims[1].dim_value or "tokens", "channels"])
-    kv = [helper.make_tensor_value_info(i.name, i.type.tensor_type.elem_type, ["batch", i.type.tensor_type.shape.dim[1].dim_value or "heads", "past", i.type.tensor_type.shape.dim[3].dim_value or "head_dim"]) for i in kv_inputs]
-    outs = [helper.make_tensor_value_info(o.name, o.type.tensor_type.elem_type, None) for o in outputs]
-    graph = helper.make_graph(list(top.node), "waveclip_levels", [level_in, patches, *kv], outs, initializers)
+    inputs = [helper.make_tensor_value_info(LEVEL_INPUT, TensorProto.INT64, []),
+              _typed("patches", patches_input, ["batch", pdims[1].dim_value or "tokens", "channels"])]
+    for i in kv_inputs:
+        d = i.type.tensor_type.shape.dim
+        inputs.append(_typed(i.name, i, ["batch", d[1].dim_value or "heads", "past", d[3].dim_value or "head_dim"]))
+    graph = helper.make_graph(list(top.node), "waveclip_levels", inputs, [_typed(o.name, o) for o in outputs],
+                              initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()])
     model.ir_version = ir_version
     return model, regions
