@@ -169,3 +169,18 @@ def test_bench_speed_prints_the_table(tiny_bundle, tmp_path):
         assert row["memory"]["cascade"]["rss_mib"] > 0 and row["memory"]["ratio"] > 0
         assert row["agreement_top1"] >= 0.99 or "bf16" in row["setup"]
     assert r["rows"][0]["throughput"]["batch"] == 2
+
+
+def test_openvino_bf16_is_an_explicit_precision_close_to_fp32(tiny_bundle):
+    """OpenVINO runs an fp32 bundle in f32 unless bf16 is asked for; bf16 embeddings stay close to f32 (cosine)."""
+    pytest.importorskip("openvino")
+    bundle = load_bundle(tiny_bundle)
+    embs = {}
+    for precision in ("f32", "bf16"):
+        backend = create_backend(bundle, "openvino", inference_precision=precision)
+        assert backend.compiled[0].get_property("INFERENCE_PRECISION_HINT").to_string() in (precision, "f32")
+        cascade = Cascade(bundle, backend)
+        embs[precision] = cascade.run_all_levels(cascade.preprocess(IMAGES))
+    for a, b in zip(embs["f32"], embs["bf16"]):
+        cos = np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+        assert cos.min() > 0.98
