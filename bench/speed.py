@@ -4,7 +4,8 @@
 
 For each bundle (fp32: ONNX Runtime fp32, OpenVINO f32 and, where the CPU has bf16, OpenVINO bf16; an int8 bundle:
 its quantization backend) and the ViT-B-16 baseline at the same backend and precision (int8: quantized the same way,
-devices.baseline.quantized_baseline), all measured interleaved round by round, batch 1 on real images:
+devices.baseline.quantized_baseline), measured in one run, interleaved round by round within each backend, batch 1
+on real images:
 
 - ViT-B-16; WaveCLIP exiting at level 0, 1, 2 and always-full (the cost of an image that exits at k: the real
   cascade with the exits forced, head, softmax and KV rows included);
@@ -176,8 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=8, help="batch for throughput (default 8)")
     p.add_argument("--batch-rounds", type=int, default=2, help="timed rounds at --batch (default 2)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--ort-weights", default="levels,merged,shared",
-                   help="ONNX Runtime weights modes to time for fp32 (runtime.backends.ort; default all three)")
+    p.add_argument("--ort-weights", default="levels,shared",
+                   help="ONNX Runtime weights modes to time for fp32, of levels, shared, merged (runtime.backends.ort; "
+                        "default levels,shared)")
     p.add_argument("--vit", default="auto", metavar="auto|PATH.onnx",
                    help="the baseline: auto = open_clip ViT-B-16 exported once (devices.baseline), or an ONNX file")
     p.add_argument("--no-memory", action="store_true", help="skip the resident-memory probes")
@@ -280,13 +282,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.prepare:
         log("prepared (baselines quantized, memory probed); no timing")
         return 0
-    log(f"timing: {args.rounds} rounds at batch 1, {args.batch_rounds} at batch {args.batch}, interleaved")
-    for fn in items.values():  # warm-up, then the plans start over
-        fn()
-    for state in states:
-        state["at"] = 0
-    t1 = measure(items, args.rounds, 0, progress)
-    tb = measure(batch_items, args.batch_rounds, 1, progress)
+    log(f"timing: {args.rounds} rounds at batch 1, {args.batch_rounds} at batch {args.batch}, interleaved within "
+        "each backend (one backend's idle worker threads must not spin against another's)")
+    t1, tb = {}, {}
+    for backend in dict.fromkeys(s.backend for s in run):
+        labels = {s.label for s in run if s.backend == backend}
+        group = {k: fn for k, fn in items.items() if k.split("|")[0] in labels}
+        for fn in group.values():  # warm-up, then the plans start over
+            fn()
+        for state in states:
+            state["at"] = 0
+        t1.update(measure(group, args.rounds, 0, progress))
+        tb.update(measure({k: fn for k, fn in batch_items.items() if k.split("|")[0] in labels},
+                          args.batch_rounds, 1, progress))
     Path(images_file).unlink(missing_ok=True)
     report = summarize(run, t1, tb, mem, mix, args, L)
     print(format_table(report))
@@ -307,7 +315,8 @@ def summarize(run: list[Setup], t1: dict, tb: dict, mem: dict, mix: np.ndarray, 
         exp = expected_ms(mix, [c["mean_ms"] for c in costs])
         vit_mem = mem.get(f"{s.vit_row}|vit", {}).get("rss_mib")
         casc_mem = mem.get(s.label, {}).get("rss_mib")
-        row = {"setup": s.label, "agreement_top1": s.agreement, "vit": vit, "exit_costs": costs, "mix": measured, "expected_mix_ms": round(exp, 2),
+        row = {"setup": s.label, "agreement_top1": s.agreement, "vit": vit, "exit_costs": costs, "mix": measured,
+               "expected_mix_ms": round(exp, 2),
                "expected_vs_measured": round(exp / measured["mean_ms"], 3),
                "ratios": {"level0_vs_vit": round(costs[0]["mean_ms"] / vit["mean_ms"], 3),
                           "always_full_vs_vit": round(costs[-1]["mean_ms"] / vit["mean_ms"], 3),
@@ -329,8 +338,10 @@ def summarize(run: list[Setup], t1: dict, tb: dict, mem: dict, mix: np.ndarray, 
 
 def format_table(r: dict) -> str:
     mix = "/".join(f"{100 * m:g}" for m in r["mix"])
-    lines = [f"batch 1, {r['threads']} threads, {r['rounds']} interleaved rounds; machine: {r['machine']}", "",
-             f"| backend / precision | top-1 agree | ViT-B-16 ms | level 0 ms | always-full ms | cascade {mix} ms (expected) | "
+    lines = [f"batch 1, {r['threads']} threads, {r['rounds']} rounds interleaved within each backend; machine: "
+             f"{r['machine']}", "",
+             f"| backend / precision | top-1 agree | ViT-B-16 ms | level 0 ms | always-full ms | "
+             f"cascade {mix} ms (expected) | "
              f"level 0 / ViT | always-full / ViT | cascade / ViT | b{r['batch']} img/s ViT → cascade (ratio) | "
              "RSS MiB ViT → cascade (ratio) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in r["rows"]:
@@ -338,7 +349,8 @@ def format_table(r: dict) -> str:
         tp = f"{t['vit_images_per_s']:.1f} → {t['mix_images_per_s']:.1f} ({t['ratio']:.2f}x)" if t else "-"
         mm = (f"{m['vit']['rss_mib']:.0f} → {m['cascade']['rss_mib']:.0f} ({m['ratio']:.2f}x)"
               if m["ratio"] else "-")
-        lines.append(f"| {row['setup']} | {row['agreement_top1']:.0%} | {row['vit']['mean_ms']:.1f} | {c[0]['mean_ms']:.1f} | {c[-1]['mean_ms']:.1f} "
+        lines.append(f"| {row['setup']} | {row['agreement_top1']:.0%} | {row['vit']['mean_ms']:.1f} | "
+                     f"{c[0]['mean_ms']:.1f} | {c[-1]['mean_ms']:.1f} "
                      f"| {row['mix']['mean_ms']:.1f} ({row['expected_mix_ms']:.1f}) | {q['level0_vs_vit']:.2f}x | "
                      f"{q['always_full_vs_vit']:.2f}x | {q['mix_vs_vit']:.2f}x | {tp} | {mm} |")
     lines += ["", "Means of per-image latency (model time, preprocessing excluded). 'expected' = sum over k of "

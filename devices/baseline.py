@@ -177,6 +177,8 @@ class OnnxTimer:
                 opts.intra_op_num_threads = threads
                 opts.inter_op_num_threads = 1
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            # as the bundle's backend: idle workers that spin would take the cores from whatever runs next
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
             opts.log_severity_level = 3
             providers = [provider] + (["CPUExecutionProvider"] if provider != "CPUExecutionProvider" else [])
             try:

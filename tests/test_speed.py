@@ -162,7 +162,7 @@ def test_bench_speed_prints_the_table(tiny_bundle, tmp_path):
     assert out.returncode == 0, out.stderr
     r = json.loads((tmp_path / "s.json").read_text())
     labels = [row["setup"] for row in r["rows"]]
-    assert labels[:3] == ["onnxruntime fp32 (levels)", "onnxruntime fp32 (merged)", "onnxruntime fp32 (shared)"]
+    assert labels[:2] == ["onnxruntime fp32 (levels)", "onnxruntime fp32 (shared)"]
     assert "openvino f32" in labels and "| onnxruntime fp32 (levels) |" in out.stdout
     for row in r["rows"]:
         assert row["mix"]["runs"] == 2 and len(row["exit_costs"]) == 4 and row["expected_mix_ms"] > 0
