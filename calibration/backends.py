@@ -67,7 +67,7 @@ SCHEMES = {"onnxruntime": OnnxScheme("uint8", False, quantize_outputs=False, wei
 
 
 def quantize_onnx(src: Path, reader, dst: Path, scheme: OnnxScheme, method: str, ops: list[str],
-                  scratch: Path) -> onnx.ModelProto:
+                  scratch: Path, skip_symbolic_shape: bool = False) -> onnx.ModelProto:
     """quant_pre_process + quantize_static of ``src`` (external data resolved by path); returns the int8 graph with
     its data in memory (``dst`` is a scratch file)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -77,7 +77,7 @@ def quantize_onnx(src: Path, reader, dst: Path, scheme: OnnxScheme, method: str,
     pre = scratch / f"{src.stem}.pre.onnx"
     # The optimisation step (ORT_ENABLE_BASIC, standard ops) reads the shared weights.bin through the graph's path.
     quant_pre_process(str(src), str(pre), save_as_external_data=big, all_tensors_to_one_file=True,
-                      external_data_location=pre.name + ".data")
+                      external_data_location=pre.name + ".data", skip_symbolic_shape=skip_symbolic_shape)
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}
     qtype = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}

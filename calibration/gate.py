@@ -26,7 +26,7 @@ from runtime.backends import BACKENDS, BackendError, create_backend
 from runtime.bundle import MANIFEST, Bundle, BundleError, load_bundle
 from runtime.cascade import Cascade, margins
 from runtime.data import DataError, ImageRecord, load_images, read_image_list
-from runtime.timing import level_times
+from runtime.timing import exit_cost_times
 from runtime.wavelet import images_to_levels
 
 
@@ -95,27 +95,33 @@ def split_indices(strata: np.ndarray, holdout: float, seed: int = 0) -> tuple[np
 
 
 def read_latency_json(path: str | os.PathLike, levels: int) -> np.ndarray:
-    """Per-level p50 latency (ms) from ``devices.profile --json`` output: ``{"levels": [{"level", "p50_ms"}...]}``
-    (batch 1 rows when there is a batch column)."""
+    """Cost (ms) of an image exiting at each level, from ``devices.profile --json`` output: its ``exit_costs[].mean_ms``
+    (the real cascade with the exit forced at k, the same cost model as the profiler's expected latency); older
+    reports without them: the cumulative sum of ``levels[].p50_ms`` (batch 1 rows when there is a batch column)."""
     try:
-        rows = json.loads(Path(path).read_text())["levels"]
+        doc = json.loads(Path(path).read_text())
+        key, stat = ("exit_costs", "mean_ms") if doc.get("exit_costs") else ("levels", "p50_ms")
+        rows = doc[key]
         rows = [r for r in rows if r.get("batch", r.get("batch_size", 1)) == 1] or rows
-        ms = {int(r["level"]): float(r["p50_ms"]) for r in rows}
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        ms = {int(r["level"]): float(r[stat]) for r in rows}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise GateError(f"{path}: not a latency JSON with levels[].level / p50_ms ({type(e).__name__}: {e})") from None
     if sorted(ms) != list(range(levels)):
         raise GateError(f"{path}: has latencies for levels {sorted(ms)}, the bundle has levels 0..{levels - 1}")
-    return np.array([ms[k] for k in range(levels)])
+    values = np.array([ms[k] for k in range(levels)])
+    return values if key == "exit_costs" else np.cumsum(values)
 
 
 def measure_latency(bundle: Bundle, threads: int, provider: str, patches: list[np.ndarray], runs: int = 30,
                     warmup: int = 5) -> np.ndarray:
-    """Median ms of each level alone (with the KV cache of the levels before it) at batch 1, onnxruntime."""
+    """Median ms of an image exiting at each level (the real cascade at batch 1 with the exit forced there: levels,
+    head, softmax, KV rows), onnxruntime: the cost model of devices.profile."""
     import onnxruntime as ort
 
     providers = [provider] if provider in ort.get_available_providers() else None
     backend = create_backend(bundle, "onnxruntime", providers=providers, threads=threads or None)
-    return np.array([np.median(t) for t in level_times(backend, patches, runs, warmup)])
+    cascade = Cascade(bundle, backend)
+    return np.array([np.mean(t) for t in exit_cost_times(cascade, patches, runs, warmup)])
 
 
 def write_gate(bundle_dir: str | os.PathLike, thresholds: Sequence[float], calibration: dict) -> None:
@@ -222,9 +228,10 @@ def run(args: argparse.Namespace) -> int:
                                  bundle.preprocessing)
         level_ms = measure_latency(bundle, profile.threads, profile.execution_provider, first)
         latency_source = (f"measured on this host: onnxruntime {profile.execution_provider}, "
-                          f"{profile.threads or 'all'} threads, batch 1, median of 30")
+                          f"{profile.threads or 'all'} threads, batch 1, cost of exiting at each level (the real "
+                          "cascade with the exit forced there), mean of 30")
     if level_ms is not None:
-        stats.cum_ms = np.cumsum(level_ms)
+        stats.cum_ms = np.asarray(level_ms, dtype=np.float64)
     target = Target(kind, value, reference)
 
     fit_idx, hold_idx = split_indices(stats.target if stats.target is not None else stats.pred[-1],
@@ -255,7 +262,7 @@ def run(args: argparse.Namespace) -> int:
                   "stratified_by": "label" if stats.target is not None else "full-model prediction"},
         "fit": fit_m, "holdout": hold_m,
         "latency": None if level_ms is None else {"device": args.device, "source": latency_source,
-                                                  "level_ms": [round(float(x), 4) for x in level_ms]},
+                                                  "exit_cost_ms": [round(float(x), 4) for x in level_ms]},
         "search": {"method": "exhaustive grid over per-level margin midpoints", "combinations": len(choice.grid.gflops),
                    "candidates_per_level": [len(c) for c in choice.candidates]},
         "backend": args.backend,

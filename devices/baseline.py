@@ -111,6 +111,47 @@ def resolve_baseline(spec: str, log: Callable[[str], None] = lambda s: None) -> 
                                 f"in {time.perf_counter() - t0:.0f} s")
 
 
+def quantized_baseline(fp32: str | os.PathLike, backend: str, images: np.ndarray,
+                       log: Callable[[str], None] = lambda s: None) -> Path:
+    """The ViT-B-16 baseline quantized to int8 the same way calibration.quantize quantizes a bundle for ``backend``
+    (onnxruntime: quant_pre_process + quantize_static QDQ with the bundle's scheme; openvino: nncf.quantize,
+    TRANSFORMER), calibrated on ``images`` (uint8 [N, S, S, 3]); cached beside the fp32 file."""
+    from calibration.backends import DEFAULT_OPS, SCHEMES, quantize_onnx, quantize_openvino
+
+    fp32 = Path(fp32)
+    out = fp32.with_name(f"{fp32.stem}-int8-{backend}" + (".xml" if backend == "openvino" else ".onnx"))
+    if out.is_file():
+        return out
+    log(f"quantizing the {BASELINE_NAME} baseline for {backend} once ({len(images)} calibration images) ...")
+    x = vit_input(images, 224)
+    items = [{"pixels": x[i:i + 1]} for i in range(len(x))]
+    with tempfile.TemporaryDirectory(dir=fp32.parent, prefix=".quant-") as tmp:
+        tmp = Path(tmp)
+        if backend == "openvino":
+            quantize_openvino(fp32, items, tmp / out.name, "minmax", None, progress=False)
+            for suffix in (".bin", ".xml"):  # the weights first: an .xml never points at a missing .bin
+                os.replace(tmp / out.with_suffix(suffix).name, out.with_suffix(suffix))
+        else:
+            import onnx
+
+            class Reader:
+                def __init__(self) -> None:
+                    self.it = iter(items)
+
+                def get_next(self):
+                    return next(self.it, None)
+
+                def rewind(self) -> None:
+                    self.it = iter(items)
+
+            # (symbolic shape inference cannot follow the traced ViT's reshapes; ONNX shape inference does)
+            proto = quantize_onnx(fp32, Reader(), tmp / "q.onnx", SCHEMES[backend], "minmax", list(DEFAULT_OPS), tmp,
+                                  skip_symbolic_shape=True)
+            onnx.save(proto, str(tmp / out.name))
+            os.replace(tmp / out.name, out)
+    return out
+
+
 def vit_input(images: np.ndarray, size: int) -> np.ndarray:
     """uint8 [B, S, S, 3] images -> CLIP-normalised float32 [B, 3, size, size] (bicubic resize when S != size)."""
     if images.shape[1] != size:
@@ -125,7 +166,7 @@ class OnnxTimer:
     """Runs one single-input ONNX graph with the profile's backend: ``run(batch)`` times one inference."""
 
     def __init__(self, path: str | os.PathLike, backend: str, provider: str, threads: int | None,
-                 precision: str = "fp32") -> None:
+                 precision: str = "fp32", inference_precision: str | None = None) -> None:
         self.path = Path(path)
         self.backend = backend
         if backend == "onnxruntime":
@@ -136,6 +177,8 @@ class OnnxTimer:
                 opts.intra_op_num_threads = threads
                 opts.inter_op_num_threads = 1
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            # as the bundle's backend: idle workers that spin would take the cores from whatever runs next
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
             opts.log_severity_level = 3
             providers = [provider] + (["CPUExecutionProvider"] if provider != "CPUExecutionProvider" else [])
             try:
@@ -151,8 +194,8 @@ class OnnxTimer:
             import openvino as ov
 
             config = {"PERFORMANCE_HINT": "LATENCY"}
-            if precision == "fp32":
-                config["INFERENCE_PRECISION_HINT"] = "f32"
+            if inference_precision or precision == "fp32":  # the same rule as the bundle's OpenVINO backend
+                config["INFERENCE_PRECISION_HINT"] = inference_precision or "f32"
             if threads:
                 config["INFERENCE_NUM_THREADS"] = int(threads)
             try:

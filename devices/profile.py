@@ -30,15 +30,16 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from devices.baseline import BASELINE_NAME, BaselineError, OnnxTimer, resolve_baseline
+from devices.baseline import BASELINE_NAME, BaselineError, OnnxTimer, quantized_baseline, resolve_baseline
 from devices.machine import describe, machine_record
 from devices.profile_config import DeviceProfile, ProfileError, check_backend_available, load_profile
 from runtime.backends import BackendError, create_backend
 from runtime.bundle import Bundle, BundleError, load_bundle
 from runtime.cascade import Cascade, Result
 from runtime.data import DataError, load_images, read_image_list
+from runtime.errors import one_line
 from runtime.preprocess import ImageError, image_to_array
-from runtime.timing import level_times, time_calls
+from runtime.timing import exit_cost_times, exit_plan, expected_ms, level_times, parse_exit_mix, time_calls
 from runtime.wavelet import images_to_levels
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,14 +112,17 @@ def check_precision(bundle: Bundle, profile: DeviceProfile, allow: bool) -> bool
     return True
 
 
-def make_backend(bundle: Bundle, profile: DeviceProfile, threads: int | None, batch: int):
+def make_backend(bundle: Bundle, profile: DeviceProfile, threads: int | None, batch: int, weights: str = "levels",
+                 inference_precision: str | None = None):
     """The bundle's backend configured as the profile says."""
     if profile.backend == "onnxruntime":
         ep = profile.execution_provider
         providers = [ep] + (["CPUExecutionProvider"] if ep != "CPUExecutionProvider" else [])
-        return create_backend(bundle, "onnxruntime", providers=providers, threads=threads, io_binding=True)
+        return create_backend(bundle, "onnxruntime", providers=providers, threads=threads, io_binding=True,
+                              weights=weights)
     if profile.backend == "openvino":
-        return create_backend(bundle, "openvino", device=profile.execution_provider, threads=threads)
+        return create_backend(bundle, "openvino", device=profile.execution_provider, threads=threads,
+                              inference_precision=inference_precision)
     trt = profile.tensorrt
     return create_backend(bundle, "tensorrt", precision=profile.precision, max_batch=max(batch, profile.max_batch),
                           opt_batch=trt.opt_batch if trt else 1, device_name=profile.name,
@@ -184,15 +188,51 @@ def exit_histogram(exits: Sequence[int], num_levels: int) -> list[dict]:
             for k in range(num_levels)]
 
 
-def expected_latency(hist: list[dict], levels: list[dict], measured_mean: float | None, bundle: Bundle) -> dict:
-    """sum_k P(reach k) * p50_k, next to the measured mean; plus the expected GFLOPs per image."""
-    expected = sum(h["reach_fraction"] * lv["p50_ms"] for h, lv in zip(hist, levels))
+def exit_costs(cascade: Cascade, levels: list[np.ndarray], runs: int, warmup: int, progress: Progress) -> list[dict]:
+    """The cost of an image that exits at each level: the real cascade at batch 1 (levels, head, softmax, KV rows)
+    with the exit forced there. The cost model of the expected latency here and of calibration.gate --budget-ms."""
+    times = exit_cost_times(cascade, levels, runs, warmup, progress)
+    return [{"level": k, "batch": 1, **summarize(t)} for k, t in enumerate(times)]
+
+
+def expected_latency(hist: list[dict], costs: list[dict], measured_mean: float | None, bundle: Bundle) -> dict:
+    """sum_k P(exit at k) * mean cost of exiting at k, next to the measured mean; plus the expected GFLOPs."""
+    fractions = [h["fraction"] for h in hist]
+    expected = expected_ms(fractions, [c["mean_ms"] for c in costs])
     cum = [lv.get("cumulative_gflops") for lv in bundle.manifest["levels"]]
-    gflops = (sum(h["fraction"] * c for h, c in zip(hist, cum)) if all(c is not None for c in cum) else None)
+    gflops = (sum(f * c for f, c in zip(fractions, cum)) if all(c is not None for c in cum) else None)
     return {"expected_ms": _r(expected), "measured_mean_ms": _r(measured_mean),
             "expected_vs_measured": _ratio(expected, measured_mean), "expected_gflops": _r(gflops, 5),
-            "formula": "sum over levels k of P(reach level k) * p50_ms of level k alone (batch 1); the measured mean "
-                       "also includes the head, softmax and gating on the host"}
+            "formula": "sum over levels k of P(exit at level k) * mean ms of the real cascade with the exit forced at "
+                       "k (batch 1: levels, head, softmax and KV rows included)"}
+
+
+def exit_mix_latency(cascade: Cascade, paths: list[Path], spec: dict, mix: np.ndarray, costs: list[dict],
+                     images: np.ndarray, batch: int, runs: int, warmup: int, progress: Progress) -> dict:
+    """The real cascade end to end with the exits forced to ``mix``: per image at batch 1 (each image of ``paths``
+    forced to its exit in a plan whose counts follow the mix), and throughput at ``batch`` over 5 batches."""
+    plan = exit_plan(mix, len(paths))
+    levels = [images_to_levels(image_to_array(p, spec)[None], spec) for p in paths]
+    for i in range(min(warmup, len(paths))):
+        cascade.classify_levels(levels[i], exit_levels=[plan[i]])
+    ms = []
+    for lv, k in zip(progress(levels, "exit mix"), plan):
+        t0 = time.perf_counter()
+        cascade.classify_levels(lv, exit_levels=[k])
+        ms.append((time.perf_counter() - t0) * 1e3)
+    counts = np.bincount(plan, minlength=len(mix))
+    expected = expected_ms(counts / counts.sum(), [c["mean_ms"] for c in costs])
+    measured = summarize(ms)
+    reps = -(-batch // len(images))
+    big = images_to_levels(np.concatenate([images] * reps)[:batch], spec)
+    bplan = exit_plan(mix, 5 * batch)
+    chunks = [bplan[i:i + batch] for i in range(0, len(bplan), batch)]
+    tb = time_runs(lambda: [cascade.classify_levels(big, exit_levels=c) for c in chunks], runs, min(warmup, 2),
+                   f"exit mix b{batch}", progress)
+    stats = summarize([t / len(chunks) for t in tb])
+    return {"mix": [_r(m) for m in mix], "images": len(paths), "plan_counts": counts.tolist(), "cascade": measured,
+            "expected_ms": _r(expected), "expected_vs_measured": _ratio(expected, measured["mean_ms"]),
+            "throughput": {"batch": batch, "images_per_s": _r(batch * 1e3 / stats["mean_ms"], 3), **stats}}
 
 
 def batch_throughput(cascade: Cascade, images: np.ndarray, batch: int, spec: dict, runs: int, warmup: int,
@@ -206,9 +246,21 @@ def batch_throughput(cascade: Cascade, images: np.ndarray, batch: int, spec: dic
 
 
 def vit_baseline(spec: str, profile: DeviceProfile, threads: int | None, images: np.ndarray, batch: int, runs: int,
-                 warmup: int, progress: Progress, log: Callable[[str], None]) -> dict:
-    """ViT-B-16 (or a given single-input ONNX graph) at batch 1 and ``batch`` with the same backend and threads."""
+                 warmup: int, progress: Progress, log: Callable[[str], None], bundle: Bundle | None = None,
+                 inference_precision: str | None = None) -> dict:
+    """ViT-B-16 (or a given single-input ONNX graph) at batch 1 and ``batch`` with the same backend, threads and
+    precision as the bundle: an int8 bundle's baseline is ViT-B-16 quantized the same way (``auto`` only)."""
     choice = resolve_baseline(spec, log)
+    precision = bundle.manifest.get("precision", "fp32") if bundle is not None else profile.precision
+    if spec == "auto" and choice.path is not None and precision == "int8":
+        target = bundle.manifest.get("quantization", {}).get("backend", profile.backend)
+        try:
+            path = quantized_baseline(choice.path, target, images[:16], log)
+            choice = type(choice)(path, f"{choice.note}; quantized to int8 for {target} as calibration.quantize does "
+                                        f"(16 calibration images), cached {path}")
+        except Exception as e:  # quantization failures: time nothing rather than an unfair baseline
+            return {"name": BASELINE_NAME, "note": f"int8 baseline skipped: {one_line(e)}", "path": None,
+                    "skipped": True}
     out: dict[str, Any] = {"name": BASELINE_NAME if spec in ("auto", "none") else Path(spec).stem, "note": choice.note,
                            "path": str(choice.path) if choice.path else None, "skipped": choice.path is None}
     if choice.path is None:
@@ -220,7 +272,8 @@ def vit_baseline(spec: str, profile: DeviceProfile, threads: int | None, images:
     else:
         out["gflops"] = None
     try:
-        timer = OnnxTimer(choice.path, profile.backend, profile.execution_provider, threads, profile.precision)
+        timer = OnnxTimer(choice.path, profile.backend, profile.execution_provider, threads, precision,
+                          inference_precision)
     except BaselineError as e:
         if profile.backend == "tensorrt":
             return {**out, "skipped": True, "note": str(e)}
@@ -246,6 +299,8 @@ def profile_bundle(args: argparse.Namespace, log: Callable[[str], None] = lambda
         raise BundleError(f"{args.bundle}: no such bundle folder")
     bundle = load_bundle(args.bundle)
     mismatch = check_precision(bundle, profile, args.allow_precision_mismatch)
+    if args.exit_mix is not None and len(args.exit_mix) != bundle.num_levels:
+        raise ProfilerError(f"--exit-mix has {len(args.exit_mix)} values, the bundle has {bundle.num_levels} levels")
     notes: list[str] = []
     if mismatch:
         notes.append(f"precision mismatch allowed: bundle {bundle.manifest.get('precision')}, profile "
@@ -263,7 +318,7 @@ def profile_bundle(args: argparse.Namespace, log: Callable[[str], None] = lambda
     paths, images = load_real_images(data, args.images, spec, notes)
     progress = Progress(False if args.quiet else None)
 
-    backend = make_backend(bundle, profile, threads or None, batch)
+    backend = make_backend(bundle, profile, threads or None, batch, args.ort_weights, args.inference_precision)
     gated = Cascade(bundle, backend)
     full = Cascade(bundle, backend, thresholds=ALWAYS_FULL)
 
@@ -272,6 +327,7 @@ def profile_bundle(args: argparse.Namespace, log: Callable[[str], None] = lambda
         f"{runs} runs after {args.warmup} warm-up, {len(paths)} images, batch {batch}")
     first = images_to_levels(images[:1], spec)
     levels = level_latency(bundle, backend, first, runs, args.warmup, progress)
+    costs = exit_costs(full, first, runs, args.warmup, progress)
     per_image = cascade_latency(gated, full, paths, spec, min(args.warmup, len(paths)), progress)
     hist = exit_histogram(per_image["exits"], bundle.num_levels)
     totals = [p + c for p, c in zip(per_image["preprocess"], per_image["cascade"])]
@@ -282,13 +338,16 @@ def profile_bundle(args: argparse.Namespace, log: Callable[[str], None] = lambda
                    "cascade": summarize(per_image["always_full"]),
                    "total": summarize([p + f for p, f in zip(per_image["preprocess"], per_image["always_full"])]),
                    "gflops": _r(bundle.manifest["levels"][-1].get("cumulative_gflops"), 5)}
-    expected = expected_latency(hist, levels, cascade["cascade"]["mean_ms"], bundle)
+    expected = expected_latency(hist, costs, cascade["cascade"]["mean_ms"], bundle)
+    mixed = (exit_mix_latency(full, paths, spec, args.exit_mix, costs, images, batch, runs, args.warmup, progress)
+             if args.exit_mix is not None else None)
     throughput = {"batch": batch,
                   "cascade": batch_throughput(gated, images, batch, spec, runs, args.warmup, f"cascade b{batch}",
                                               progress),
                   "always_full": batch_throughput(full, images, batch, spec, runs, args.warmup,
                                                   f"always-full b{batch}", progress)}
-    vit = vit_baseline(args.baseline, profile, threads or None, images, batch, runs, args.warmup, progress, log)
+    vit = vit_baseline(args.baseline, profile, threads or None, images, batch, runs, args.warmup, progress, log,
+                       bundle, args.inference_precision)
     if not vit["skipped"]:
         throughput["vit_b16"] = vit["batch_b"]
 
@@ -316,6 +375,9 @@ def profile_bundle(args: argparse.Namespace, log: Callable[[str], None] = lambda
               "throughput_always_full_vs_vit_b16": _ratio(throughput["always_full"]["images_per_s"], vit_ips),
               "throughput_cascade_vs_always_full": _ratio(throughput["cascade"]["images_per_s"],
                                                           throughput["always_full"]["images_per_s"])}
+    if mixed is not None:
+        ratios["exit_mix_vs_vit_b16"] = _ratio(mixed["cascade"]["mean_ms"], vit.get("batch1", {}).get("mean_ms"))
+        ratios["throughput_exit_mix_vs_vit_b16"] = _ratio(mixed["throughput"]["images_per_s"], vit_ips)
     return {
         "tool": "devices.profile",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -332,6 +394,8 @@ def profile_bundle(args: argparse.Namespace, log: Callable[[str], None] = lambda
                      "level_input": f"{paths[0]} (batch 1, KV cache of the levels before each level computed once)"},
         "machine": machine,
         "levels": levels,
+        "exit_costs": costs,
+        "exit_mix": mixed,
         "cascade": cascade,
         "exit_histogram": hist,
         "expected_latency": expected,
@@ -398,8 +462,20 @@ def format_markdown(r: dict) -> str:
               row("always-full WaveCLIP (all levels)", full["gflops"], full["cascade"])]
     if not vit["skipped"]:
         lines.append(row(f"{vit['name']} baseline", vit.get("gflops"), vit["batch1"]))
+    m = r.get("exit_mix")
+    if m:
+        lines.append(row(f"cascade at exit mix {'/'.join(f'{100 * x:g}' for x in m['mix'])} (forced)", None,
+                         m["cascade"]))
     lines += ["", f"Expected cascade latency from the exit rates: {_f(e['expected_ms'])} ms "
-                  f"(sum of P(reach k) x p50_k); measured mean: {_f(e['measured_mean_ms'])} ms.", "",
+                  f"(sum of P(exit at k) x cost of exiting at k); measured mean: {_f(e['measured_mean_ms'])} ms."]
+    if m:
+        lines.append(f"At the forced exit mix: expected {_f(m['expected_ms'])} ms, measured mean "
+                     f"{_f(m['cascade']['mean_ms'])} ms (expected / measured {_x(m['expected_vs_measured'])}); "
+                     f"batch {m['throughput']['batch']}: {_f(m['throughput']['images_per_s'], 1)} images/s.")
+    lines += ["", "## Cost of exiting at each level (batch 1, real cascade, exit forced)", "",
+              "| exit at | p50 ms | mean ms |", "|---:|---:|---:|"]
+    lines += [f"| {c['level']} | {_f(c['p50_ms'])} | {_f(c['mean_ms'])} |" for c in r.get("exit_costs", [])]
+    lines += ["",
               "## Exits", "", "| level | images | fraction | reached |", "|---:|---:|---:|---:|"]
     lines += [f"| {h['level']} | {h['count']} | {h['fraction']:.3f} | {h['reach_fraction']:.3f} |"
               for h in r["exit_histogram"]]
@@ -419,6 +495,9 @@ def format_markdown(r: dict) -> str:
     for key, name in (("cascade_vs_vit_b16", f"cascade / {n}"), ("always_full_vs_vit_b16", f"always-full / {n}"),
                       ("cascade_vs_always_full", "cascade / always-full"), ("level0_vs_vit_b16", f"level 0 / {n}")):
         lines.append(f"| {name} | {_x(q[key])} | {_x(q['p50'][key])} |")
+    if "exit_mix_vs_vit_b16" in q:
+        lines.append(f"| cascade at exit mix / {n} | {_x(q['exit_mix_vs_vit_b16'])} | |")
+        lines.append(f"| throughput: exit mix / {n} | {_x(q['throughput_exit_mix_vs_vit_b16'])} | |")
     for key, name in (("throughput_cascade_vs_vit_b16", f"throughput: cascade / {n}"),
                       ("throughput_always_full_vs_vit_b16", f"throughput: always-full / {n}"),
                       ("throughput_cascade_vs_always_full", "throughput: cascade / always-full")):
@@ -526,6 +605,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "~/.cache/waveclip-edge/baselines/vit-b-16.onnx (needs torch + open_clip the first time; "
                         "skipped with a note without them); none = skip it; PATH = time that single-input ONNX graph "
                         "(default auto)")
+    p.add_argument("--exit-mix", metavar="P0,P1,...",
+                   help="also time the real cascade with the exits forced to this mix (percent or fractions, one per "
+                        "level, e.g. 40,30,20,10): an operating point's latency without a trained gate")
+    p.add_argument("--ort-weights", choices=("levels", "shared", "merged"), default="levels",
+                   help="onnxruntime: how the level sessions hold the weights (runtime.backends.ort; default levels)")
+    p.add_argument("--inference-precision", choices=("f32", "bf16"),
+                   help="openvino: compute precision for the bundle and the ViT baseline alike (default: f32 for "
+                        "an fp32 bundle)")
     p.add_argument("--allow-precision-mismatch", action="store_true",
                    help="time the bundle even when its precision differs from the profile's")
     p.add_argument("--json", metavar="OUT", help="write every number to this JSON file")
@@ -536,6 +623,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log lines on stderr")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    if args.exit_mix is not None:
+        try:
+            n = len(args.exit_mix.split(","))
+            args.exit_mix = parse_exit_mix(args.exit_mix, n)
+        except ValueError as e:
+            p.error(str(e))
     return args
 
 

@@ -11,6 +11,7 @@ import numpy as np
 from runtime.backends import Backend, create_backend
 from runtime.bundle import Bundle, load_bundle
 from runtime.preprocess import preprocess
+from runtime.threads import host_single_threaded
 
 
 @dataclass
@@ -96,6 +97,11 @@ class Cascade:
         return np.array([lookup[lab] for lab in labels])
 
     def probabilities(self, embeddings: np.ndarray) -> np.ndarray:
+        """Softmax over the head's logits, on one host thread (see runtime.threads)."""
+        with host_single_threaded():
+            return self._probabilities(embeddings)
+
+    def _probabilities(self, embeddings: np.ndarray) -> np.ndarray:
         return softmax(self.bundle.logit_scale * (embeddings @ self.weight.T) + self.bias)
 
     def preprocess(self, images: Sequence) -> list[np.ndarray]:
@@ -111,8 +117,23 @@ class Cascade:
             r.preprocess_ms = pre_ms
         return results
 
-    def classify_levels(self, levels: list[np.ndarray], keep_embeddings: bool = False) -> list[Result]:
-        """Run the cascade on preprocessed per-level patches ``[B, tokens, values]``."""
+    def classify_levels(self, levels: list[np.ndarray], keep_embeddings: bool = False,
+                        exit_levels: Sequence[int] | np.ndarray | None = None) -> list[Result]:
+        """Run the cascade on preprocessed per-level patches ``[B, tokens, values]``.
+
+        ``exit_levels`` (one per row) forces where each row exits instead of the gate: the head, softmax, margins
+        and KV row gathering still run as they would, so an operating point's latency can be timed without a
+        trained model. The host work between levels runs single-threaded (runtime.threads).
+        """
+        forced = None if exit_levels is None else np.asarray(exit_levels, dtype=int)
+        if forced is not None and (forced.shape != (levels[0].shape[0],) or forced.min(initial=0) < 0
+                                   or forced.max(initial=0) > self.max_level):
+            raise ValueError(f"exit_levels must hold one level in 0..{self.max_level} per row")
+        with host_single_threaded():
+            return self._classify_levels(levels, keep_embeddings, forced)
+
+    def _classify_levels(self, levels: list[np.ndarray], keep_embeddings: bool,
+                         forced: np.ndarray | None) -> list[Result]:
         batch = levels[0].shape[0]
         results: list[Result | None] = [None] * batch
         active = np.arange(batch)
@@ -120,9 +141,12 @@ class Cascade:
         for k in range(self.max_level + 1):
             t0 = time.perf_counter()
             emb, present = self.backend.run_level(k, levels[k][active], past)
-            probs = self.probabilities(emb)
+            probs = self._probabilities(emb)
             margin = margins(probs)
-            done = np.ones(len(active), bool) if k == self.max_level else margin >= self.thresholds[k]
+            if k == self.max_level:
+                done = np.ones(len(active), bool)
+            else:
+                done = margin >= self.thresholds[k] if forced is None else forced[active] == k
             go_on = np.flatnonzero(~done)
             if len(go_on):
                 past = present if len(go_on) == len(active) else self.backend.take_rows(present, go_on)
@@ -138,9 +162,10 @@ class Cascade:
     def run_all_levels(self, levels: list[np.ndarray]) -> list[np.ndarray]:
         """Embeddings of every level for every row (no gate): what calibration and evaluation measure once."""
         past, out = None, []
-        for k in range(self.max_level + 1):
-            emb, past = self.backend.run_level(k, levels[k], past)
-            out.append(emb)
+        with host_single_threaded():
+            for k in range(self.max_level + 1):
+                emb, past = self.backend.run_level(k, levels[k], past)
+                out.append(emb)
         return out
 
     def _result(self, probs: np.ndarray, margin: float, level: int, level_ms: list[float],

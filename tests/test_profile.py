@@ -56,7 +56,8 @@ def report(tiny_bundle, tmp_path_factory):
     """One profiler run on the x86-avx512-vnni profile (int8) with the fp32 tiny bundle, baseline none."""
     out = tmp_path_factory.mktemp("report")
     argv = [str(tiny_bundle), "--device", "x86-avx512-vnni", "--allow-precision-mismatch", "--baseline", "none",
-            *FAST, "--json", str(out / "p.json"), "--markdown", str(out / "p.md"), "--png", str(out / "p.png")]
+            *FAST, "--exit-mix", "40,30,20,10", "--json", str(out / "p.json"), "--markdown", str(out / "p.md"),
+            "--png", str(out / "p.png")]
     assert profile_main(argv) == 0
     return out, json.loads((out / "p.json").read_text())
 
@@ -88,7 +89,7 @@ def test_json_has_every_field(report, tiny_bundle, capsys):
     assert [h["level"] for h in hist] == [0, 1, 2, 3] and sum(h["count"] for h in hist) == 4
     assert hist[0]["reach_fraction"] == 1.0 and sum(h["fraction"] for h in hist) == pytest.approx(1.0)
     e = r["expected_latency"]
-    want = sum(h["reach_fraction"] * lv["p50_ms"] for h, lv in zip(hist, r["levels"]))
+    want = sum(h["fraction"] * c["mean_ms"] for h, c in zip(hist, r["exit_costs"]))
     assert e["expected_ms"] == pytest.approx(want, abs=1e-3) and e["measured_mean_ms"] == c["cascade"]["mean_ms"]
     assert e["expected_gflops"] > 0
 
@@ -117,7 +118,8 @@ def test_json_has_every_field(report, tiny_bundle, capsys):
 
 
 def test_latency_json_feeds_the_gate(report, tiny_bundle, tmp_path):
-    """levels[].p50_ms is what calibration.gate --latency-json reads; a budget of their sum is feasible."""
+    """exit_costs[].mean_ms (the cost of exiting at each level) is what calibration.gate --latency-json reads; a
+    budget of the always-full cost is feasible."""
     import shutil
 
     from calibration.gate import main as gate_main
@@ -125,10 +127,10 @@ def test_latency_json_feeds_the_gate(report, tiny_bundle, tmp_path):
 
     out, r = report
     ms = read_latency_json(out / "p.json", 4)
-    assert list(ms) == [lv["p50_ms"] for lv in r["levels"]]
+    assert list(ms) == [c["mean_ms"] for c in r["exit_costs"]]
     bundle = shutil.copytree(tiny_bundle, tmp_path / "bundle")
     assert gate_main([str(bundle), "--data", str(IMAGES), "--reference", "full", "--holdout", "0.25",
-                      "--budget-ms", str(float(ms.sum()) + 1e-3), "--device", "x86-avx512-vnni",
+                      "--budget-ms", str(float(ms[-1]) + 1e-3), "--device", "x86-avx512-vnni",
                       "--latency-json", str(out / "p.json"), "--out-dir", str(tmp_path / "gate"), "--dry-run"]) == 0
 
 
@@ -284,3 +286,23 @@ def test_jetson_record_is_best_effort(tmp_path, monkeypatch):
     assert j["tegra_release"].startswith("# R36") and j["nvpmodel"]["mode"] == "25W" and j["nvpmodel"]["id"] == 1
     assert j["jetson_clocks"]["locked"] is True
     assert j["tegrastats"]["power_mw"]["VDD_IN"] == {"mw": 4800, "avg_mw": 4700}
+
+
+def test_exit_mix_times_the_real_cascade_at_an_operating_point(report):
+    """--exit-mix: every image forced to an exit of a plan whose counts follow the mix; expected vs measured."""
+    _, r = report
+    m = r["exit_mix"]
+    assert m["mix"] == [0.4, 0.3, 0.2, 0.1] and sum(m["plan_counts"]) == m["images"] == 4
+    assert m["cascade"]["runs"] == 4 and m["expected_ms"] > 0 and m["expected_vs_measured"] > 0
+    assert m["throughput"]["batch"] == 2 and m["throughput"]["images_per_s"] > 0
+    assert [c["level"] for c in r["exit_costs"]] == [0, 1, 2, 3] and all(c["runs"] == 3 for c in r["exit_costs"])
+    assert "exit_mix_vs_vit_b16" in r["ratios"]
+
+
+def test_exit_mix_bad_values_exit_2(tiny_bundle, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_args([str(tiny_bundle), "--device", "x86-avx2", "--exit-mix", "40,x"])
+    assert e.value.code == 2
+    rc = profile_main([str(tiny_bundle), "--device", "x86-avx512-vnni", "--allow-precision-mismatch", "--baseline",
+                       "none", *FAST, "--exit-mix", "50,50"])
+    assert rc == 2 and "--exit-mix has 2 values, the bundle has 4 levels" in capsys.readouterr().err

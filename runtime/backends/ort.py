@@ -17,8 +17,19 @@ def default_providers() -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
+WEIGHTS = ("levels", "shared", "merged")
+
+
 class OnnxRuntimeBackend:
-    """One InferenceSession per level graph.
+    """The bundle's level graphs in ONNX Runtime; ``weights`` says how they hold the weights in memory:
+
+    - ``levels``: one session per level graph, each with its own prepacked copy of the weights (fastest on a CPU,
+      one copy of the weights per level);
+    - ``shared``: one session per level, all reading one OrtValue per weight (a read-only map of the bundle's
+      weights file, ``SessionOptions.add_initializer``) with prepacking off: the weights once in memory, at the
+      cost of packing them on the fly in every MatMul;
+    - ``merged``: ONE session over all levels (runtime.merged, built in memory); each weight is one initializer,
+      prepacked once; about two copies (the initializer and its packed form).
 
     With ``io_binding`` (default) the present KV outputs stay OrtValues on the provider's device and are bound as the
     next level's past inputs without a copy; without it every level round-trips the cache through numpy.
@@ -27,40 +38,95 @@ class OnnxRuntimeBackend:
     name = "onnxruntime"
 
     def __init__(self, bundle: Bundle, providers: list[str] | None = None, threads: int | None = None,
-                 io_binding: bool = True, graph_optimization: bool = True, spinning: bool = False) -> None:
+                 io_binding: bool = True, graph_optimization: bool = True, spinning: bool = False,
+                 weights: str = "levels") -> None:
+        if weights not in WEIGHTS:
+            raise BackendError(f"onnxruntime weights mode {weights!r}: choose from {', '.join(WEIGHTS)}")
         self.bundle = bundle
         self.providers = providers or default_providers()
         self.io_binding = io_binding
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-            opts.inter_op_num_threads = 1
-        opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if graph_optimization
-                                         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-        opts.log_severity_level = 3
-        # One session per level: spinning worker threads of idle sessions would fight the running one for cores.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        self.weights = weights
+        self._empty_past: dict[int, list] = {}
+
+        def options() -> ort.SessionOptions:
+            opts = ort.SessionOptions()
+            if threads:
+                opts.intra_op_num_threads = threads
+                opts.inter_op_num_threads = 1
+            opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if graph_optimization
+                                             else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+            opts.log_severity_level = 3
+            # One session per level: spinning worker threads of idle sessions would fight the running one.
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+            return opts
+
         try:
-            self.sessions = [ort.InferenceSession(str(bundle.level_path(k)), opts, providers=self.providers)
-                             for k in range(bundle.num_levels)]
+            if weights == "merged":
+                self.sessions = [self._merged_session(options())] * bundle.num_levels
+            else:
+                shared = SharedInitializers(bundle) if weights == "shared" else None
+                self.sessions = []
+                for k in range(bundle.num_levels):
+                    opts = options()
+                    if shared is not None:
+                        # a prepacked weight is a per-session copy (python has no shared prepacked-weights container)
+                        opts.add_session_config_entry("session.disable_prepacking", "1")
+                        for name, value in shared.for_level(k).items():
+                            opts.add_initializer(name, value)
+                    self.sessions.append(ort.InferenceSession(str(bundle.level_path(k)), opts,
+                                                              providers=self.providers))
+                self._shared = shared  # the OrtValues must outlive the sessions
+        except BackendError:
+            raise
         except Exception as e:  # onnxruntime raises its own exception types
             raise BackendError(f"onnxruntime cannot load the bundle graphs: {one_line(e)}") from None
         self.device = _DEVICE.get(self.sessions[0].get_providers()[0], "cpu")
         self.output_names = [[o.name for o in s.get_outputs()] for s in self.sessions]
+
+    def _merged_session(self, opts: ort.SessionOptions) -> ort.InferenceSession:
+        try:
+            from runtime.merged import merge_levels, region_array
+        except ImportError as e:
+            raise BackendError(f"onnxruntime weights='merged' needs the onnx package ({e})") from None
+        model, regions = merge_levels(self.bundle)
+        maps: dict = {}
+        # the data is copied into the session (then prepacked); the maps are dropped right after
+        opts.add_external_initializers([name for name, _ in regions],
+                                       [ort.OrtValue.ortvalue_from_numpy(region_array(self.bundle.path, maps, key))
+                                        for _, key in regions])
+        return ort.InferenceSession(model.SerializeToString(), opts, providers=self.providers)
+
+    def _level_feeds(self, level: int, batch: int, past: list) -> tuple[list[str], list]:
+        """Past input names and values for ``level``; the merged graph also takes ``level`` and, at level 0,
+        empty past tensors."""
+        names, _ = self.bundle.kv_names(level)
+        if self.weights != "merged":
+            return names, list(past)
+        if not level:
+            if batch not in self._empty_past:
+                cfg = self.bundle.manifest["kv_cache"]
+                empty = np.zeros((batch, cfg["num_heads"], 0, cfg["head_dim"]), np.float32)
+                self._empty_past[batch] = [ort.OrtValue.ortvalue_from_numpy(empty, self.device, 0)
+                                           for _ in self.bundle.kv_names(1)[0]]
+            names, past = self.bundle.kv_names(1)[0], self._empty_past[batch]
+        return ["level", *names], [np.array(level, np.int64), *past]
 
     def run_level(self, level: int, patches: np.ndarray, past: list | None):
         sess = self.sessions[level]
         past = past or []
         if level:
             check_kv_shapes(self.bundle, level, patches.shape[0], [tuple(_shape(v)) for v in past])
-        names, _ = self.bundle.kv_names(level)
+        names, values = self._level_feeds(level, patches.shape[0], past)
         patches = np.ascontiguousarray(patches, dtype=np.float32)
         if not self.io_binding:
-            outs = sess.run(None, {"patches": patches, **{n: _as_numpy(v) for n, v in zip(names, past)}})
+            outs = sess.run(None, {"patches": patches, **{n: _as_numpy(v) for n, v in zip(names, values)}})
             return outs[0], outs[1:]
         binding = sess.io_binding()
         binding.bind_cpu_input("patches", patches)
-        for name, value in zip(names, past):
+        for name, value in zip(names, values):
+            if name == "level":
+                binding.bind_cpu_input(name, value)
+                continue
             if isinstance(value, np.ndarray):
                 value = ort.OrtValue.ortvalue_from_numpy(value, self.device, 0)
             binding.bind_ortvalue_input(name, value)
@@ -77,6 +143,33 @@ class OnnxRuntimeBackend:
 
     def to_numpy(self, present: list) -> list[np.ndarray]:
         return [_as_numpy(v) for v in present]
+
+
+class SharedInitializers:
+    """One OrtValue per weight of the bundle's external-data files (read-only memory maps), keyed by the file
+    region, so that level graphs whose initializers point at the same bytes get the same OrtValue."""
+
+    def __init__(self, bundle: Bundle) -> None:
+        self.bundle = bundle
+        self._maps: dict = {}
+        self._values: dict[tuple, ort.OrtValue] = {}
+
+    def for_level(self, level: int) -> dict[str, ort.OrtValue]:
+        try:
+            import onnx
+
+            from runtime.merged import external_key, region_array
+        except ImportError as e:
+            raise BackendError(f"onnxruntime weights='shared' needs the onnx package ({e})") from None
+        out = {}
+        for t in onnx.load(str(self.bundle.level_path(level)), load_external_data=False).graph.initializer:
+            key = external_key(t)
+            if key is None:
+                continue
+            if key not in self._values:
+                self._values[key] = ort.OrtValue.ortvalue_from_numpy(region_array(self.bundle.path, self._maps, key))
+            out[t.name] = self._values[key]
+        return out
 
 
 def _shape(value) -> tuple[int, ...]:

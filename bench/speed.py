@@ -1,0 +1,365 @@
+"""The cascade against the ViT it replaces, side by side in one run, at every backend and precision available.
+
+    python bench/speed.py BUNDLE [BUNDLE_INT8 ...] [--mix 40,30,20,10] [--rounds 6] [--batch 8] [--threads 2]
+
+For each bundle (fp32: ONNX Runtime fp32, OpenVINO f32 and, where the CPU has bf16, OpenVINO bf16; an int8 bundle:
+its quantization backend) and the ViT-B-16 baseline at the same backend and precision (int8: quantized the same way,
+devices.baseline.quantized_baseline), measured in one run, interleaved round by round within each backend, batch 1
+on real images:
+
+- ViT-B-16; WaveCLIP exiting at level 0, 1, 2 and always-full (the cost of an image that exits at k: the real
+  cascade with the exits forced, head, softmax and KV rows included);
+- the cascade at the exit mix, each image forced to its exit (runtime.timing.exit_plan): measured mean against the
+  mean the exit costs predict (runtime.timing.expected_ms, the model calibration.gate --budget-ms uses);
+- throughput at ``--batch`` (images/s) of ViT-B-16 and of the cascade at the mix;
+- resident memory (VmRSS) of a fresh process holding the loaded model, after its first image.
+
+Ratios are against ViT-B-16 at the same backend and precision, measured in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from runtime.bundle import Bundle, load_bundle  # noqa: E402
+from runtime.timing import exit_plan, expected_ms, parse_exit_mix  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Setup:
+    """One backend + precision: how to build the cascade and its ViT baseline (also in a fresh process)."""
+
+    label: str
+    bundle: str
+    backend: str
+    options: dict
+    vit: str  # ViT ONNX/IR path
+    vit_precision: str
+    vit_hint: str | None
+    times: dict[str, list[float]] = field(default_factory=dict)
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        import openvino as ov
+
+        return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    except Exception:  # no openvino or no CPU plugin
+        return False
+
+
+def setups(bundles: list[Bundle], images: np.ndarray, threads: int, ort_weights: list[str],
+           log: Callable[[str], None], vit_spec: str = "auto") -> list[Setup]:
+    from devices.baseline import quantized_baseline, resolve_baseline
+
+    vit = resolve_baseline(vit_spec, log).path
+    if vit is None:
+        raise SystemExit("error: the ViT-B-16 baseline is missing (needs torch + open_clip once to export it)")
+    out = []
+    for b in bundles:
+        prec = b.manifest.get("precision", "fp32")
+        if prec == "fp32":
+            for w in ort_weights:
+                out.append(Setup(f"onnxruntime fp32 ({w})", str(b.path), "onnxruntime", {"weights": w}, str(vit),
+                                 "fp32", None))
+            out.append(Setup("openvino f32", str(b.path), "openvino", {"inference_precision": "f32"}, str(vit),
+                             "fp32", "f32"))
+            if cpu_has_bf16():
+                out.append(Setup("openvino bf16", str(b.path), "openvino", {"inference_precision": "bf16"}, str(vit),
+                                 "fp32", "bf16"))
+        else:
+            target = b.manifest.get("quantization", {}).get("backend", "onnxruntime")
+            qvit = str(quantized_baseline(vit, target, images[:16], log))
+            opts = {"weights": ort_weights[0]} if target == "onnxruntime" else {}
+            out.append(Setup(f"{target} {prec}", str(b.path), target, opts, qvit, prec, None))
+    return out
+
+
+def build(s: Setup, threads: int):
+    """(cascade, ViT timer) of a setup."""
+    from devices.baseline import OnnxTimer
+    from runtime.backends import create_backend
+    from runtime.cascade import Cascade
+
+    bundle = load_bundle(s.bundle, verify=False)
+    opts = dict(s.options, threads=threads)
+    if s.backend == "onnxruntime":
+        opts["providers"] = ["CPUExecutionProvider"]
+    cascade = Cascade(bundle, create_backend(bundle, s.backend, **opts), thresholds=2.0)
+    timer = OnnxTimer(s.vit, s.backend, "CPUExecutionProvider" if s.backend == "onnxruntime" else "CPU", threads,
+                      s.vit_precision, s.vit_hint)
+    return cascade, timer
+
+
+def rss_mib() -> dict[str, float]:
+    fields = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                fields[line.split(":")[0]] = round(int(line.split()[1]) / 1024, 1)
+    return {"rss_mib": fields.get("VmRSS"), "peak_mib": fields.get("VmHWM")}
+
+
+def probe_memory(spec: dict) -> dict:
+    """In this (fresh) process: load one model of a setup, run one real image, report resident memory."""
+    s = Setup(**spec["setup"])
+    images = np.load(spec["images"])
+    from runtime.wavelet import images_to_levels
+
+    if spec["what"] == "vit":
+        from devices.baseline import OnnxTimer
+
+        timer = OnnxTimer(s.vit, s.backend, "CPUExecutionProvider" if s.backend == "onnxruntime" else "CPU",
+                          spec["threads"], s.vit_precision, s.vit_hint)
+        timer.run(timer.feed(1, images[:1]))
+    else:
+        from runtime.backends import create_backend
+        from runtime.cascade import Cascade
+
+        bundle = load_bundle(s.bundle, verify=False)
+        opts = dict(s.options, threads=spec["threads"])
+        cascade = Cascade(bundle, create_backend(bundle, s.backend, **opts), thresholds=2.0)
+        cascade.classify_levels(images_to_levels(images[:1], bundle.preprocessing))
+    import gc
+
+    gc.collect()
+    return rss_mib()
+
+
+def memory(s: Setup, what: str, images_file: str, threads: int) -> dict:
+    spec = {"setup": {k: v for k, v in vars(s).items() if k not in ("times", "vit_row", "agreement")},
+            "what": what, "images": images_file,
+            "threads": threads}
+    out = subprocess.run([sys.executable, __file__, "--probe-memory", json.dumps(spec)], capture_output=True,
+                         text=True, cwd=REPO)
+    if out.returncode:
+        return {"rss_mib": None, "peak_mib": None, "error": out.stderr.strip().splitlines()[-1:]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure(items: dict[str, Callable[[], Any]], rounds: int, warmup: int, progress) -> dict[str, list[float]]:
+    """Every item once per round, round after round (interleaved: background load hits all alike)."""
+    times: dict[str, list[float]] = {k: [] for k in items}
+    for r in progress(range(warmup + rounds)):
+        for k, fn in items.items():
+            t0 = time.perf_counter()
+            n = fn()
+            dt = (time.perf_counter() - t0) * 1e3
+            if r >= warmup:
+                if isinstance(n, int):  # a sequence of n images: per-image ms
+                    times[k].append(dt / n)
+                else:
+                    times[k].append(dt)
+    return times
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("bundles", nargs="*", metavar="BUNDLE", help="bundle folders: fp32 and/or int8")
+    p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "imagenet-sample"),
+                   help="real images (folder or CSV); default ../shared/data/imagenet-sample, else examples/images")
+    p.add_argument("--images", type=int, default=10, help="real images to cycle through (default 10)")
+    p.add_argument("--mix", default="40,30,20,10", help="forced exit mix, one value per level (default 40,30,20,10)")
+    p.add_argument("--rounds", type=int, default=6, help="timed rounds at batch 1 (default 6)")
+    p.add_argument("--batch", type=int, default=8, help="batch for throughput (default 8)")
+    p.add_argument("--batch-rounds", type=int, default=2, help="timed rounds at --batch (default 2)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--ort-weights", default="levels,shared",
+                   help="ONNX Runtime weights modes to time for fp32, of levels, shared, merged (runtime.backends.ort; "
+                        "default levels,shared)")
+    p.add_argument("--vit", default="auto", metavar="auto|PATH.onnx",
+                   help="the baseline: auto = open_clip ViT-B-16 exported once (devices.baseline), or an ONNX file")
+    p.add_argument("--no-memory", action="store_true", help="skip the resident-memory probes")
+    p.add_argument("--memory-json", metavar="PATH",
+                   help="reuse the memory probes stored here (or store them here when the file does not exist)")
+    p.add_argument("--prepare", action="store_true",
+                   help="only make the baselines and memory probes (--memory-json), e.g. before a quiet timed run")
+    p.add_argument("--json", help="write every number here")
+    p.add_argument("--probe-memory", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.probe_memory:
+        print(json.dumps(probe_memory(json.loads(args.probe_memory))))
+        return 0
+    if not args.bundles:
+        p.error("give at least one bundle")
+    log = lambda s: print(s, file=sys.stderr)  # noqa: E731
+    try:
+        from tqdm import tqdm
+
+        progress = lambda it: tqdm(it, file=sys.stderr, leave=False, desc="rounds")  # noqa: E731
+    except ImportError:
+        progress = lambda it: it  # noqa: E731
+    try:
+        bundles = [load_bundle(b) for b in args.bundles]
+        mix = parse_exit_mix(args.mix, bundles[0].num_levels)
+    except (ValueError, OSError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    from runtime.data import load_images, read_image_list
+    from runtime.wavelet import images_to_levels
+
+    data = args.data if Path(args.data).exists() else str(REPO / "examples" / "images")
+    spec = bundles[0].preprocessing
+    images, _, _ = load_images(read_image_list(data, limit=args.images), spec)
+    L = bundles[0].num_levels
+    plan = exit_plan(mix, 10 * args.rounds)  # 10 images per round; over all rounds the counts follow the mix
+    batch_plan = exit_plan(mix, args.batch * 5)
+    run = setups(bundles, images, args.threads, args.ort_weights.split(","), log, args.vit)
+    images_file = str(Path(os.environ.get("TMPDIR", "/tmp")) / f"speed-images-{os.getpid()}.npy")
+    np.save(images_file, images)
+
+    items: dict[str, Callable[[], Any]] = {}
+    batch_items: dict[str, Callable[[], Any]] = {}
+    vits: dict[tuple, str] = {}
+    states: list[dict] = []
+    reference = None
+    per_image = [images_to_levels(images[i:i + 1], spec) for i in range(len(images))]
+    reps = -(-args.batch // len(images))
+    big = np.concatenate([images] * reps)[:args.batch]
+    batch_levels = images_to_levels(big, spec)
+    for s in run:
+        log(f"loading {s.label} ...")
+        cascade, timer = build(s, args.threads)
+        key = (s.backend, s.vit, s.vit_precision, s.vit_hint)
+        if key not in vits:  # one ViT row per backend and precision
+            vits[key] = s.label
+            x1, xb = timer.feed(1, images), timer.feed(args.batch, images)
+            items[f"{s.label}|vit"] = lambda t=timer, x=x1: t.run(x)
+            batch_items[f"{s.label}|vit"] = lambda t=timer, x=xb: t.run(x)
+        s.vit_row = vits[key]
+        # agreement with the first (fp32) setup: top-1 of the head at every level, on the real images
+        top1 = [cascade.probabilities(e).argmax(1) for e in cascade.run_all_levels(images_to_levels(images, spec))]
+        reference = reference if reference is not None else top1
+        s.agreement = round(float(min(np.mean(a == b) for a, b in zip(top1, reference))), 3)
+        for k in range(L):
+            items[f"{s.label}|exit{k}"] = (lambda c=cascade, k=k: c.classify_levels(per_image[k % len(per_image)],
+                                                                                    exit_levels=[k]))
+
+        state = {"at": 0}
+        states.append(state)
+
+        def mixed(c=cascade, state=state) -> int:  # 10 images per round, walking through the whole plan
+            for _ in range(10):
+                j = state["at"] % len(plan)
+                c.classify_levels(per_image[j % len(per_image)], exit_levels=[plan[j]])
+                state["at"] += 1
+            return 10
+
+        items[f"{s.label}|mix"] = mixed
+        if s.options.get("weights", "levels") == run[0].options.get("weights") or s.backend != "onnxruntime":
+            def mixed_batch(c=cascade) -> int:
+                for i in range(0, len(batch_plan), args.batch):
+                    c.classify_levels(batch_levels, exit_levels=batch_plan[i:i + args.batch])
+                return len(batch_plan) // args.batch
+
+            batch_items[f"{s.label}|mix"] = mixed_batch
+    mem: dict[str, dict] = {}
+    cached = Path(args.memory_json) if args.memory_json else None
+    if cached is not None and cached.is_file():
+        mem = json.loads(cached.read_text())
+        log(f"memory: read from {cached}")
+    elif not args.no_memory:
+        for s in run:  # resident memory is not a timing: measured in fresh processes before the timed rounds
+            log(f"memory: {s.label} ...")
+            mem[s.label] = memory(s, "cascade", images_file, args.threads)
+            if s.vit_row == s.label:
+                mem[f"{s.label}|vit"] = memory(s, "vit", images_file, args.threads)
+        if cached is not None:
+            cached.write_text(json.dumps(mem, indent=2) + "\n")
+    if args.prepare:
+        log("prepared (baselines quantized, memory probed); no timing")
+        return 0
+    log(f"timing: {args.rounds} rounds at batch 1, {args.batch_rounds} at batch {args.batch}, interleaved within "
+        "each backend (one backend's idle worker threads must not spin against another's)")
+    t1, tb = {}, {}
+    for backend in dict.fromkeys(s.backend for s in run):
+        labels = {s.label for s in run if s.backend == backend}
+        group = {k: fn for k, fn in items.items() if k.split("|")[0] in labels}
+        for fn in group.values():  # warm-up, then the plans start over
+            fn()
+        for state in states:
+            state["at"] = 0
+        t1.update(measure(group, args.rounds, 0, progress))
+        tb.update(measure({k: fn for k, fn in batch_items.items() if k.split("|")[0] in labels},
+                          args.batch_rounds, 1, progress))
+    Path(images_file).unlink(missing_ok=True)
+    report = summarize(run, t1, tb, mem, mix, args, L)
+    print(format_table(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+def summarize(run: list[Setup], t1: dict, tb: dict, mem: dict, mix: np.ndarray, args, L: int) -> dict:
+    def stat(v: list[float]) -> dict:
+        return {"p50_ms": round(float(np.median(v)), 2), "mean_ms": round(float(np.mean(v)), 2), "runs": len(v)}
+
+    rows = []
+    for s in run:
+        vit = stat(t1[f"{s.vit_row}|vit"])
+        costs = [stat(t1[f"{s.label}|exit{k}"]) for k in range(L)]
+        measured = stat(t1[f"{s.label}|mix"])
+        exp = expected_ms(mix, [c["mean_ms"] for c in costs])
+        vit_mem = mem.get(f"{s.vit_row}|vit", {}).get("rss_mib")
+        casc_mem = mem.get(s.label, {}).get("rss_mib")
+        row = {"setup": s.label, "agreement_top1": s.agreement, "vit": vit, "exit_costs": costs, "mix": measured,
+               "expected_mix_ms": round(exp, 2),
+               "expected_vs_measured": round(exp / measured["mean_ms"], 3),
+               "ratios": {"level0_vs_vit": round(costs[0]["mean_ms"] / vit["mean_ms"], 3),
+                          "always_full_vs_vit": round(costs[-1]["mean_ms"] / vit["mean_ms"], 3),
+                          "mix_vs_vit": round(measured["mean_ms"] / vit["mean_ms"], 3)},
+               "memory": {"cascade": mem.get(s.label), "vit": mem.get(f"{s.vit_row}|vit"),
+                          "ratio": round(casc_mem / vit_mem, 3) if casc_mem and vit_mem else None}}
+        if f"{s.label}|mix" in tb:
+            vb = float(np.mean(tb[f"{s.vit_row}|vit"]))
+            cb = float(np.mean(tb[f"{s.label}|mix"]))
+            row["throughput"] = {"batch": args.batch, "vit_images_per_s": round(args.batch * 1e3 / vb, 2),
+                                 "mix_images_per_s": round(args.batch * 1e3 / cb, 2), "ratio": round(vb / cb, 3)}
+        rows.append(row)
+    from devices.machine import describe, machine_record
+
+    return {"tool": "bench/speed.py", "mix": [round(float(m), 4) for m in mix], "threads": args.threads,
+            "rounds": args.rounds, "batch": args.batch, "machine": describe(machine_record(args.threads)),
+            "rows": rows}
+
+
+def format_table(r: dict) -> str:
+    mix = "/".join(f"{100 * m:g}" for m in r["mix"])
+    lines = [f"batch 1, {r['threads']} threads, {r['rounds']} rounds interleaved within each backend; machine: "
+             f"{r['machine']}", "",
+             f"| backend / precision | top-1 agree | ViT-B-16 ms | level 0 ms | always-full ms | "
+             f"cascade {mix} ms (expected) | "
+             f"level 0 / ViT | always-full / ViT | cascade / ViT | b{r['batch']} img/s ViT → cascade (ratio) | "
+             "RSS MiB ViT → cascade (ratio) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in r["rows"]:
+        c, q, m, t = row["exit_costs"], row["ratios"], row["memory"], row.get("throughput")
+        tp = f"{t['vit_images_per_s']:.1f} → {t['mix_images_per_s']:.1f} ({t['ratio']:.2f}x)" if t else "-"
+        mm = (f"{m['vit']['rss_mib']:.0f} → {m['cascade']['rss_mib']:.0f} ({m['ratio']:.2f}x)"
+              if m["ratio"] else "-")
+        lines.append(f"| {row['setup']} | {row['agreement_top1']:.0%} | {row['vit']['mean_ms']:.1f} | "
+                     f"{c[0]['mean_ms']:.1f} | {c[-1]['mean_ms']:.1f} "
+                     f"| {row['mix']['mean_ms']:.1f} ({row['expected_mix_ms']:.1f}) | {q['level0_vs_vit']:.2f}x | "
+                     f"{q['always_full_vs_vit']:.2f}x | {q['mix_vs_vit']:.2f}x | {tp} | {mm} |")
+    lines += ["", "Means of per-image latency (model time, preprocessing excluded). 'expected' = sum over k of "
+              "P(exit at k) x the mean cost of an image exiting at k (the cascade forced to exit there), the cost "
+              "model of calibration.gate --budget-ms. top-1 agree: the lowest, over levels, share of the images whose "
+              "head top-1 matches the first setup's (fp32) at that level. RSS: VmRSS of a fresh process holding the "
+              "loaded model, after its first image."]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

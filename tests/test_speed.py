@@ -1,0 +1,186 @@
+"""Speed capabilities (behaviour, never timings): one thread pool owns the cores, exits forced to a mix on the real
+cascade, the cost model, weights once in memory (ONNX Runtime shared / merged), bench/speed.py end to end."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from runtime.backends import create_backend
+from runtime.bundle import load_bundle
+from runtime.cascade import Cascade
+from runtime.threads import blas_threads
+from runtime.timing import exit_plan, expected_ms, parse_exit_mix
+
+ROOT = Path(__file__).resolve().parents[1]
+IMAGES = sorted((ROOT / "examples" / "images").glob("*.jpg"))
+INT8 = ROOT / "models" / "waveclip-demo" / "bundle-int8"
+
+
+class RecordingBackend:
+    """Wraps a backend; records the BLAS thread counts threadpoolctl sees while each level runs."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.name, self.seen = inner, inner.name, []
+
+    def run_level(self, level, patches, past):
+        self.seen.append(blas_threads())
+        return self.inner.run_level(level, patches, past)
+
+    def take_rows(self, present, rows):
+        self.seen.append(blas_threads())
+        return self.inner.take_rows(present, rows)
+
+    def to_numpy(self, present):
+        return self.inner.to_numpy(present)
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_blas_is_single_threaded_while_a_cascade_runs(tiny_bundle, backend):
+    """numpy's BLAS pool never wakes between levels (it would spin against the backend's threads): 1 thread while
+    the cascade runs, on every backend; the caller's setting is back afterwards. No environment variable."""
+    pytest.importorskip(backend)
+    from threadpoolctl import threadpool_limits
+
+    before = blas_threads()
+    if not before:
+        pytest.skip("numpy has no BLAS library threadpoolctl can see")
+    with threadpool_limits(limits=2, user_api="blas"):  # as on a 2-core device, whatever this machine has
+        wrapped = RecordingBackend(create_backend(load_bundle(tiny_bundle), backend))
+        cascade = Cascade(tiny_bundle, wrapped, thresholds=0.5)
+        levels = cascade.preprocess(IMAGES)
+        cascade.classify_levels(levels, exit_levels=[0, 1, 2, 3][:len(IMAGES)])
+        cascade.run_all_levels(levels)
+        assert wrapped.seen and all(set(t) == {1} for t in wrapped.seen)
+        assert set(blas_threads()) == {2}
+    assert blas_threads() == before
+
+
+def test_forced_exits_run_the_real_cascade(tiny_bundle):
+    """exit_levels forces each row's exit; embeddings at the exit equal those of running all levels (so the KV rows
+    carried on were gathered right), and the last level always exits."""
+    cascade = Cascade(tiny_bundle, thresholds=0.0)  # the gate alone would exit everything at level 0
+    levels = cascade.preprocess(IMAGES)
+    forced = np.arange(len(IMAGES)) % 4
+    results = cascade.classify_levels(levels, keep_embeddings=True, exit_levels=forced)
+    assert [r.exit_level for r in results] == forced.tolist()
+    full = cascade.run_all_levels(levels)
+    for i, r in enumerate(results):
+        np.testing.assert_allclose(r.embedding, full[r.exit_level][i], atol=1e-5)
+        assert len(r.level_ms) == r.exit_level + 1
+    with pytest.raises(ValueError, match="one level in 0..3 per row"):
+        cascade.classify_levels(levels, exit_levels=[4] * len(IMAGES))
+    with pytest.raises(ValueError):
+        cascade.classify_levels(levels, exit_levels=[0])
+
+
+def test_exit_plan_follows_the_mix():
+    mix = parse_exit_mix("40,30,20,10", 4)
+    np.testing.assert_allclose(mix, [0.4, 0.3, 0.2, 0.1])
+    assert np.bincount(exit_plan(mix, 40), minlength=4).tolist() == [16, 12, 8, 4]
+    assert np.bincount(exit_plan(mix, 7), minlength=4).sum() == 7
+    assert exit_plan(mix, 40).tolist() != sorted(exit_plan(mix, 40).tolist())  # interleaved, not sorted
+    np.testing.assert_allclose(parse_exit_mix([1, 1], 2), [0.5, 0.5])
+    assert expected_ms(mix, [10, 20, 30, 40]) == pytest.approx(20.0)
+    for bad in ("40,30", "a,b,c,d", "-1,1,1,1", "0,0,0,0"):
+        with pytest.raises(ValueError):
+            parse_exit_mix(bad, 4)
+
+
+@pytest.mark.parametrize("bundle_name", ["tiny", "int8"])
+def test_onnxruntime_weights_modes_agree(tiny_bundle, bundle_name):
+    """levels / shared / merged hold the weights differently and compute the same embeddings at every level."""
+    path = tiny_bundle if bundle_name == "tiny" else INT8
+    bundle = load_bundle(path)
+    atol = 1e-5 if bundle_name == "tiny" else 1e-3  # int8: kernels may pick other (equally valid) rounding paths
+    embs = {}
+    for weights in ("levels", "shared", "merged"):
+        for io_binding in (True, False):
+            cascade = Cascade(bundle, create_backend(bundle, "onnxruntime", providers=["CPUExecutionProvider"],
+                                                     weights=weights, io_binding=io_binding, threads=1))
+            levels = cascade.preprocess(IMAGES)
+            embs[weights, io_binding] = cascade.run_all_levels(levels)
+            forced = cascade.classify_levels(levels, exit_levels=np.arange(len(IMAGES)) % 4, keep_embeddings=True)
+            for i, r in enumerate(forced):
+                np.testing.assert_allclose(r.embedding, embs[weights, io_binding][r.exit_level][i], atol=atol)
+    ref = embs["levels", True]
+    for key, got in embs.items():
+        for a, b in zip(got, ref):
+            np.testing.assert_allclose(a, b, atol=atol, err_msg=str(key))
+
+
+def test_weights_once_shared_and_merged(tiny_bundle):
+    """shared: every level session gets the same OrtValue for the same bytes of weights.bin, prepacking off;
+    merged: one session, each weight region one initializer of the outer graph."""
+    from runtime.backends.ort import OnnxRuntimeBackend, SharedInitializers
+    from runtime.merged import LEVEL_INPUT, merge_levels
+
+    bundle = load_bundle(tiny_bundle)
+    shared = SharedInitializers(bundle)
+    per_level = [shared.for_level(k) for k in range(bundle.num_levels)]
+    # the blocks' weights are the same bytes in every level graph: one OrtValue each
+    common = set.intersection(*[{id(v) for v in lv.values()} for lv in per_level])
+    assert len(common) >= 0.8 * min(len(lv) for lv in per_level)
+    assert len(shared._values) < sum(len(lv) for lv in per_level)
+    b = OnnxRuntimeBackend(bundle, weights="shared", threads=1)
+    assert all(s.get_session_options().get_session_config_entry("session.disable_prepacking") == "1"
+               for s in b.sessions)
+    model, regions = merge_levels(bundle)
+    keys = [key for _, key in regions]
+    assert len(keys) == len(set(keys)) == len(model.graph.initializer)
+    assert [i.name for i in model.graph.input][:2] == [LEVEL_INPUT, "patches"]
+    assert [o.name for o in model.graph.output] == ["embedding", *bundle.kv_names(1)[1]]
+    m = OnnxRuntimeBackend(bundle, weights="merged", threads=1)
+    assert len({id(s) for s in m.sessions}) == 1
+
+
+def test_unknown_weights_mode_is_refused(tiny_bundle):
+    from runtime.backends import BackendError
+
+    with pytest.raises(BackendError, match="choose from levels, shared, merged"):
+        create_backend(load_bundle(tiny_bundle), "onnxruntime", weights="twice")
+
+
+@pytest.mark.slow
+def test_bench_speed_prints_the_table(tiny_bundle, tmp_path):
+    """bench/speed.py end to end on the tiny bundle with a tiny stand-in ViT: one row per setup, ratios, memory."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["batch", 3, 16, 16])
+    y = helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", 3])
+    nodes = [helper.make_node("GlobalAveragePool", ["pixels"], ["p"]), helper.make_node("Flatten", ["p"], ["embedding"])]
+    model = helper.make_model(helper.make_graph(nodes, "vit", [x], [y]), opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "vit.onnx"))
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "speed.py"), str(tiny_bundle), "--vit",
+                          str(tmp_path / "vit.onnx"), "--rounds", "2", "--batch-rounds", "1", "--batch", "2",
+                          "--images", "3", "--threads", "1", "--data", str(ROOT / "examples" / "images"),
+                          "--json", str(tmp_path / "s.json")], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert out.returncode == 0, out.stderr
+    r = json.loads((tmp_path / "s.json").read_text())
+    labels = [row["setup"] for row in r["rows"]]
+    assert labels[:2] == ["onnxruntime fp32 (levels)", "onnxruntime fp32 (shared)"]
+    assert "openvino f32" in labels and "| onnxruntime fp32 (levels) |" in out.stdout
+    for row in r["rows"]:
+        assert row["mix"]["runs"] == 2 and len(row["exit_costs"]) == 4 and row["expected_mix_ms"] > 0
+        assert row["memory"]["cascade"]["rss_mib"] > 0 and row["memory"]["ratio"] > 0
+        assert row["agreement_top1"] >= 0.99 or "bf16" in row["setup"]
+    assert r["rows"][0]["throughput"]["batch"] == 2
+
+
+def test_openvino_bf16_is_an_explicit_precision_close_to_fp32(tiny_bundle):
+    """OpenVINO runs an fp32 bundle in f32 unless bf16 is asked for; bf16 embeddings stay close to f32 (cosine)."""
+    pytest.importorskip("openvino")
+    bundle = load_bundle(tiny_bundle)
+    embs = {}
+    for precision in ("f32", "bf16"):
+        backend = create_backend(bundle, "openvino", inference_precision=precision)
+        assert backend.compiled[0].get_property("INFERENCE_PRECISION_HINT").to_string() in (precision, "f32")
+        cascade = Cascade(bundle, backend)
+        embs[precision] = cascade.run_all_levels(cascade.preprocess(IMAGES))
+    for a, b in zip(embs["f32"], embs["bf16"]):
+        cos = np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+        assert cos.min() > 0.98
