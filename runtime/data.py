@@ -81,6 +81,28 @@ def _read_csv(path: Path, split: str | None) -> list[ImageRecord]:
     return [ImageRecord(root / r[path_col], (r[label_col] or None) if label_col else None) for r in rows]
 
 
+def data_root() -> Path | None:
+    """The shared data folder named by ``$WAVECLIP_DATA``, if any."""
+    root = os.environ.get("WAVECLIP_DATA")
+    return Path(root).expanduser() if root else None
+
+
+def portable_source(source: str | os.PathLike, *roots: str | os.PathLike | None) -> str:
+    """How provenance names a data source: its path relative to the first of ``roots`` (or the data root) that holds
+    it, else its file or folder name only; never a machine's absolute path."""
+    path = Path(source).expanduser().resolve()
+    for root in [*roots, data_root()]:
+        if root is None:
+            continue
+        try:
+            rel = path.relative_to(Path(root).expanduser().resolve()).as_posix()
+        except ValueError:
+            continue
+        if rel != ".":
+            return rel
+    return path.name
+
+
 def spread(records: Sequence[ImageRecord], limit: int, seed: int = 0) -> list[ImageRecord]:
     """A deterministic subset of ``limit`` records in their original order: a seeded shuffle, or with labels, a seeded
     round-robin over labels (so every class is represented as evenly as the limit allows)."""
