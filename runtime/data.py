@@ -78,7 +78,10 @@ def _read_csv(path: Path, split: str | None) -> list[ImageRecord]:
     if not rows:
         raise DataError(f"{path}: CSV has no rows")
     root = path.parent
-    return [ImageRecord(root / r[path_col], (r[label_col] or None) if label_col else None) for r in rows]
+    for i, r in enumerate(rows, start=1):
+        if not isinstance(r.get(path_col), str) or not r[path_col].strip():
+            raise DataError(f"{path}: data row {i}: no {path_col!r} value")
+    return [ImageRecord(root / r[path_col], (r.get(label_col) or None) if label_col else None) for r in rows]
 
 
 def data_root() -> Path | None:
