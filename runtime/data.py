@@ -67,7 +67,7 @@ def _read_csv(path: Path, split: str | None) -> list[ImageRecord]:
     path_col = next((c for c in PATH_COLUMNS if c in columns), None)
     if path_col is None:
         raise DataError(f"{path}: CSV has no path column (expected one of {', '.join(PATH_COLUMNS)}; "
-                        f"found {', '.join(columns) or 'no header'})")
+                        f"found {', '.join(map(repr, columns)) or 'no header'})")
     label_col = next((c for c in LABEL_COLUMNS if c in columns), None)
     if split is not None:
         if "split" not in columns:

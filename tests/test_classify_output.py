@@ -43,14 +43,17 @@ def check_lines(lines: list[str], n: int) -> None:
 
 
 def test_results_and_bar_sharing_one_log_are_never_torn(many_images):
-    """stdout and stderr into one pipe (``2>&1 | tee log``, CI logs): used to interleave mid-line."""
+    """stdout and stderr into one pipe (``2>&1 | tee log``, CI logs): bar fragments used to land between an image's
+    result line and its top-k lines."""
     r = subprocess.run([sys.executable, "-m", "runtime.classify", str(REPO / "models" / "waveclip-demo" / "bundle"),
-                        str(many_images), "--top-k", "3"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                       text=True)
+                        str(many_images), "--top-k", "3"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert r.returncode == 0
-    lines = r.stdout.split("\n")
-    assert not any("\r" in s for s in lines), "progress bar text inside the result lines"
+    lines = r.stdout.decode().split("\n")  # bytes: no newline translation hides a carriage return
+    assert not any("\r" in s or "img/s" in s for s in lines), "progress bar text in the log"
     check_lines(lines, 120)
+    for i, s in enumerate(lines):  # each result line is followed by its two top-k lines
+        if RESULT in s:
+            assert lines[i + 1].startswith("    ") and lines[i + 2].startswith("    "), lines[i:i + 3]
     assert lines[-2].startswith("120 images")
 
 

@@ -146,7 +146,7 @@ def test_cli_provenance_records_no_absolute_path(bundle_copy, labelled_csv, tmp_
 
     assert main([str(bundle_copy), "--data", str(labelled_csv), "--out-dir", str(tmp_path / "out")]) == 0
     manifest = json.loads((bundle_copy / "manifest.json").read_text())
-    assert manifest["gate"]["calibration"]["data"]["source"] == "labels.csv"  # not under the bundle's folder: name
+    assert manifest["gate"]["calibration"]["data"]["source"] == "labels.csv"  # outside bundle and data root: name
     assert absolute_paths(manifest) == []
 
 

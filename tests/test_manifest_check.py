@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from runtime.bundle import BundleError, load_bundle, validate_manifest
-from runtime.manifest_check import check_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "models" / "waveclip-demo"
@@ -46,6 +45,8 @@ def schema_rejects(manifest) -> bool:
 
 @pytest.mark.parametrize("bundle", SHIPPED, ids=lambda p: p.name)
 def test_valid_bundles_pass_both(bundle):
+    from runtime.manifest_check import check_manifest
+
     manifest = json.loads((bundle / "manifest.json").read_text())
     validate_manifest(manifest)
     check_manifest(manifest)
@@ -53,6 +54,8 @@ def test_valid_bundles_pass_both(bundle):
 
 
 def test_exported_bundle_passes_both(tiny_bundle):
+    from runtime.manifest_check import check_manifest
+
     manifest = json.loads((tiny_bundle / "manifest.json").read_text())
     validate_manifest(manifest)
     check_manifest(manifest)
@@ -129,15 +132,22 @@ CROSS_FIELD = {
 }
 
 
+@pytest.fixture(scope="module")
+def demo_links(tmp_path_factory) -> Path:
+    return linked_bundle(DEMO / "bundle", tmp_path_factory.mktemp("links") / "demo")
+
+
 @pytest.mark.parametrize("case", CROSS_FIELD, ids=str)
-def test_cross_field_rules_name_the_field(case):
+def test_cross_field_rules_are_checked_at_load(case, demo_links, tmp_path):
+    """Each loaded silently before (even with verify=False the check runs: the manifest has no sha256)."""
     edit, field = CROSS_FIELD[case]
     m = demo_manifest()
     edit(m)
+    bundle = linked_bundle(demo_links, tmp_path / "b", m)
     with pytest.raises(BundleError) as e:
-        check_manifest(m, "x/manifest.json")
+        load_bundle(bundle, verify=False)
     message = str(e.value)
-    assert message.startswith("x/manifest.json: ") and "\n" not in message and field in message, message
+    assert message.startswith(f"{bundle / 'manifest.json'}: ") and "\n" not in message and field in message, message
 
 
 def test_listed_files_must_exist_and_match(tmp_path):
@@ -210,6 +220,8 @@ def _apply(manifest: dict, path: tuple, value):
 
 
 def test_every_schema_rule_is_enforced_by_the_checker():
+    from runtime.manifest_check import check_manifest
+
     base = demo_manifest()
     mutations = list(_schema_mutations(SCHEMA, base, (), SCHEMA["$defs"]))
     assert len(mutations) > 150

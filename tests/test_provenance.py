@@ -5,7 +5,6 @@ from pathlib import Path
 import pytest
 
 from conftest import absolute_paths
-from runtime.data import portable_source
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED_JSON = sorted((REPO / "models").rglob("*.json"))
@@ -22,6 +21,8 @@ def test_exported_bundle_records_no_absolute_path(tiny_bundle):
 
 
 def test_portable_source(tmp_path, monkeypatch):
+    from runtime.data import portable_source
+
     (tmp_path / "data" / "sub").mkdir(parents=True)
     csv = tmp_path / "data" / "sub" / "splits.csv"
     csv.write_text("path\n")
