@@ -289,7 +289,7 @@ def _parser() -> argparse.ArgumentParser:
                         "calibration); calibration images are always excluded")
     p.add_argument("--eval-split", help="CSV split of --eval-data (e.g. val)")
     p.add_argument("--eval-samples", type=integer(1), default=256, help="held-out images to compare on (default 256)")
-    p.add_argument("--min-agreement", type=number(0, 1), default=0.99,
+    p.add_argument("--min-agreement", type=number(0), default=0.99,
                    help="refuse (exit 1, nothing written) when any level's fp32-vs-int8 top-1 agreement is lower "
                         "(default 0.99)")
     p.add_argument("--quantize-ops", metavar="OPS",

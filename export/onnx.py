@@ -1,8 +1,10 @@
-"""``python -m export.onnx ckpt.pt [-o BUNDLE]``: checkpoint -> validated per-level ONNX bundle with an explicit KV cache.
+"""``python -m export.onnx ckpt.pt [-o BUNDLE]``: checkpoint -> validated per-level ONNX bundle with an explicit KV
+cache.
 
 Without -o the bundle goes beside the checkpoint, named from it: ``ckpt.pt`` -> ``ckpt-bundle/`` (``--fp16``:
-``ckpt-fp16-bundle/``). Every level graph shares one ``weights.bin``; the bundle is staged in a temporary folder and moved in place only
-after ONNX Runtime reproduced PyTorch on real images (``validation.json``).
+``ckpt-fp16-bundle/``). Every level graph shares one ``weights.bin``; the bundle is staged in a temporary folder and
+swapped in (the old one kept whole until then) only after ONNX Runtime reproduced PyTorch on real images
+(``validation.json``).
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ from runtime.preprocess import ImageError, preprocess
 
 VALIDATION = "validation.json"
 OPT_THREADS = 1
-MIN_OPSET = 14  # scaled dot-product attention and LayerNorm export cleanly from here
+MIN_OPSET = 14  # the lowest opset the export was checked to export and validate with
 
 
 class ExportError(ValueError):
@@ -182,7 +184,7 @@ def _parser() -> argparse.ArgumentParser:
                         "imagenet-sample (first 16), else examples/images")
     p.add_argument("--no-optimize", action="store_true",
                    help="skip the optional offline graph optimisation pass (kept only where it pays anyway)")
-    p.add_argument("--atol", type=number(above=0),
+    p.add_argument("--atol", type=number(minimum=0),
                    help="max abs diff allowed against PyTorch for every output (default 1e-4 fp32; "
                         "fp16: 1e-2 embeddings, 5e-2 KV cache)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

@@ -1,6 +1,7 @@
 """runtime.classify's terminal output: whole result lines above the progress bar, never torn; --json unchanged."""
 import json
 import os
+import shutil
 import select
 import subprocess
 import sys
@@ -15,10 +16,11 @@ RESULT = " exit level "
 
 @pytest.fixture(scope="module")
 def many_images(tmp_path_factory) -> Path:
-    """120 images (hard links to the 4 examples): more than a pipe buffer of result lines."""
+    """120 images (hard links to copies of the 4 examples): more than a pipe buffer of result lines."""
     folder = tmp_path_factory.mktemp("many")
+    copies = [Path(shutil.copy(p, tmp_path_factory.mktemp("src"))) for p in EXAMPLES]
     for i in range(120):
-        src = EXAMPLES[i % len(EXAMPLES)]
+        src = copies[i % len(copies)]
         os.link(src, folder / f"{i:03d}_{src.name}")
     return folder
 

@@ -3,6 +3,7 @@ import copy
 import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,11 +23,12 @@ def demo_manifest() -> dict:
 
 
 def linked_bundle(src: Path, dst: Path, manifest: dict | None = None) -> Path:
-    """A bundle folder whose files are hard links to ``src``'s, with ``manifest`` (default: src's) written fresh."""
+    """A bundle folder with ``src``'s files and ``manifest`` (default: src's) written fresh. Files are hard-linked,
+    except the repository's own (copied: ONNX refuses external data with several hard links)."""
     dst.mkdir(parents=True)
     for p in src.iterdir():
         if p.is_file() and p.name != "manifest.json":
-            os.link(p, dst / p.name)
+            (shutil.copy2 if p.resolve().is_relative_to(REPO) else os.link)(p, dst / p.name)
     text = json.dumps(manifest) if manifest is not None else (src / "manifest.json").read_text()
     (dst / "manifest.json").write_text(text)
     return dst
