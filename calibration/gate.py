@@ -9,7 +9,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
@@ -25,7 +24,9 @@ from calibration.level_table import is_parquet, level_stats
 from runtime.backends import BACKENDS, BackendError, create_backend
 from runtime.bundle import MANIFEST, Bundle, BundleError, load_bundle
 from runtime.cascade import Cascade, margins
-from runtime.data import DataError, ImageRecord, load_images, read_image_list
+from runtime.atomic import write_text_atomic
+from runtime.cli import ArgumentParser, integer, number
+from runtime.data import DataError, ImageRecord, load_images, portable_source, read_image_list
 from runtime.timing import exit_cost_times
 from runtime.wavelet import images_to_levels
 
@@ -130,46 +131,37 @@ def write_gate(bundle_dir: str | os.PathLike, thresholds: Sequence[float], calib
     manifest = json.loads(path.read_text())
     manifest["gate"] = {"metric": "softmax_margin", "thresholds": [float(t) for t in thresholds],
                         "source": "calibrated", "calibration": calibration}
-    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(manifest, indent=2) + "\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_text_atomic(path, json.dumps(manifest, indent=2) + "\n")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m calibration.gate", description=__doc__.split(":", 1)[1].strip())
+    p = ArgumentParser(prog="python -m calibration.gate", description=__doc__.split(":", 1)[1].strip())
     p.add_argument("bundle", help="bundle folder (thresholds are written into its manifest.json)")
     p.add_argument("--data", required=True,
                    help="image folder or CSV (path/file, wnid/label, split columns), or the Parquet of "
                         "`python -m cluster.classify BUNDLE --levels all` (per-level predictions computed once)")
     p.add_argument("--split", help="CSV split to use (e.g. val)")
-    p.add_argument("--limit", type=int, help="use a deterministic, class-balanced subset of N images")
+    p.add_argument("--limit", type=integer(1), help="use a deterministic, class-balanced subset of N images")
     t = p.add_mutually_exclusive_group()
-    t.add_argument("--max-drop", type=float, help="least cost with score >= full score - D (default 0.01)")
-    t.add_argument("--budget-gflops", type=float, help="best score with expected GFLOPs per image <= X")
-    t.add_argument("--budget-ms", type=float, help="best score with expected latency per image <= X (needs --device)")
+    t.add_argument("--max-drop", type=number(0, below=1), help="least cost with score >= full score - D, D in [0, 1) "
+                                                                "(default 0.01)")
+    t.add_argument("--budget-gflops", type=number(above=0), help="best score with expected GFLOPs per image <= X")
+    t.add_argument("--budget-ms", type=number(above=0), help="best score with expected latency per image <= X (needs --device)")
     p.add_argument("--device", help="device profile (devices/profiles) whose latencies to use")
     p.add_argument("--latency-json", help="per-level latencies from `python -m devices.profile ... --json`; without "
                                           "it they are measured here with onnxruntime and the profile's threads")
     p.add_argument("--reference", choices=("labels", "full"),
                    help="score = accuracy vs labels, or agreement with the always-full model (default: labels when "
                         "the data has them)")
-    p.add_argument("--holdout", type=float, default=0.3, help="fraction held apart for reporting (default 0.3)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--holdout", type=number(0, below=1), default=0.3,
+                   help="fraction in [0, 1) held apart for reporting (default 0.3)")
+    p.add_argument("--seed", type=integer(0), default=0)
     p.add_argument("--out-dir", help="where gate_curve.csv/png go (default BUNDLE/calibration)")
     p.add_argument("--dry-run", action="store_true", help="report, but leave the manifest unchanged")
     p.add_argument("--backend", default="onnxruntime", choices=BACKENDS, help="backend to measure levels with")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-combos", type=int, default=1 << 18, help="threshold grid size (default 262144)")
+    p.add_argument("--batch-size", type=integer(1), default=32)
+    p.add_argument("--max-combos", type=integer(1), default=1 << 18, help="threshold grid size (default 262144)")
     args = p.parse_args(argv)
-    if args.max_drop is not None and not 0 <= args.max_drop < 1:
-        p.error("--max-drop must be in [0, 1)")
-    if not 0 <= args.holdout < 1:
-        p.error("--holdout must be in [0, 1)")
     if args.budget_ms is not None and not args.device:
         p.error("--budget-ms needs --device")
     return args
@@ -256,7 +248,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     calibration = {
         "target": {"kind": kind, "value": value, "reference": reference, "description": target.describe()},
-        "data": {"source": str(args.data), "split": args.split, "limit": args.limit, "images": stats.n,
+        "data": {"source": portable_source(args.data, bundle.path.parent), "split": args.split, "limit": args.limit, "images": stats.n,
                  "unreadable": stats.skipped, "labels_not_in_head": stats.dropped},
         "split": {"holdout_fraction": args.holdout, "seed": args.seed, "fit": fit.n, "holdout": hold.n,
                   "stratified_by": "label" if stats.target is not None else "full-model prediction"},

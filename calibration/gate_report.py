@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from calibration.gate_search import NEVER, Choice, LevelStats, pareto_front, simulate_many
+from runtime.atomic import write_atomic
 
 METRICS = ("expected_gflops", "expected_ms", "accuracy", "agreement")
 
@@ -39,10 +40,13 @@ def curve_rows(choice: Choice, fit: LevelStats, holdout: LevelStats) -> list[dic
 
 def write_curve_csv(path: Path, rows: list[dict]) -> None:
     keep = [c for c in rows[0] if any(r[c] is not None for r in rows)]  # no ms / accuracy columns when unknown
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, keep, extrasaction="ignore")
-        w.writeheader()
-        w.writerows({c: "" if r[c] is None else r[c] for c in keep} for r in rows)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, keep, extrasaction="ignore")
+            w.writeheader()
+            w.writerows({c: "" if r[c] is None else r[c] for c in keep} for r in rows)
+    write_atomic(path, write)
 
 
 def plot_curve(path: Path, rows: list[dict], reference: str, title: str) -> None:
@@ -78,7 +82,7 @@ def plot_curve(path: Path, rows: list[dict], reference: str, title: str) -> None
         ax.legend(fontsize=8, loc="lower right")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110))
     plt.close(fig)
 
 

@@ -26,9 +26,10 @@ from calibration.backends import (DEFAULT_OPS, ONNX_METHODS, SCHEMES, onnx_op_su
 from calibration.compare import compare, format_table
 from calibration.reader import CascadeCalibrationReader, level_feeds
 from export.weights import SharedWeights, save_graph
-from runtime.bundle import (MANIFEST, Bundle, BundleError, load_bundle, sha256_file, staged_output,
-                            validate_manifest, write_manifest)
-from runtime.data import DataError, ImageRecord, load_images, read_image_list, spread
+from runtime.bundle import (MANIFEST, Bundle, BundleError, check_manifest, load_bundle, sha256_file, staged_output,
+                            write_manifest)
+from runtime.cli import ArgumentParser, integer, number
+from runtime.data import DataError, ImageRecord, load_images, portable_source, read_image_list, spread
 from runtime.errors import one_line
 from runtime.wavelet import images_to_levels
 
@@ -159,8 +160,9 @@ def quantize_bundle(bundle_path: str | Path, out: str | Path, data: str, *, spli
     held = held_out_images(records, calib, eval_data, eval_split, eval_samples, data)
     eval_patches, held, eval_skipped = load_patches(held, spec, "evaluation", eval_data or data, progress)
     ops_list = list(ops) if ops else list(DEFAULT_OPS)
-    data_info = _data_info(data, split, calib, cal_skipped)
-    eval_info = {**_data_info(eval_data or data, eval_split if eval_data else split, held, eval_skipped),
+    data_info = _data_info(data, split, calib, cal_skipped, fp32.path.parent)
+    eval_info = {**_data_info(eval_data or data, eval_split if eval_data else split, held, eval_skipped,
+                              fp32.path.parent),
                  "disjoint_from_calibration": True}
 
     with staged_output(out, force=force) as tmp, tempfile.TemporaryDirectory(prefix="waveclip-quant-") as scratch:
@@ -182,7 +184,7 @@ def quantize_bundle(bundle_path: str | Path, out: str | Path, data: str, *, spli
         manifest["quantization"] = _provenance(fp32, backend, method, ops_list if ops or backend != "openvino"
                                                else None, nodes, data_info, eval_info)
         write_manifest(tmp, manifest)
-        validate_manifest(manifest)
+        check_manifest(manifest)
 
         labels = [r.label for r in held] if all(r.label for r in held) else None
         report = compare(fp32, load_bundle(tmp), eval_patches, "openvino" if backend == "openvino" else "onnxruntime",
@@ -199,7 +201,7 @@ def quantize_bundle(bundle_path: str | Path, out: str | Path, data: str, *, spli
         manifest["quantization"]["evaluation"] = {k: v for k, v in report.items() if k != "eval_data"}
         manifest["quantization"]["seconds"] = round(time.time() - start, 1)
         write_manifest(tmp, manifest)
-        validate_manifest(manifest)
+        check_manifest(manifest)
         load_bundle(tmp)
     return manifest, report
 
@@ -233,8 +235,8 @@ def _write_levels(fp32: Bundle, patches: list[np.ndarray], tmp: Path, scratch: P
     return files, weights, nodes
 
 
-def _data_info(source: str, split: str | None, records: list[ImageRecord], skipped: int) -> dict:
-    return {"source": str(Path(source).expanduser().resolve()), "split": split, "images": len(records),
+def _data_info(source: str, split: str | None, records: list[ImageRecord], skipped: int, root: Path) -> dict:
+    return {"source": portable_source(source, root), "split": split, "images": len(records),
             "skipped_unreadable": skipped, "paths_sha256": _paths_digest(records, _root(source))}
 
 
@@ -265,13 +267,8 @@ def _provenance(fp32: Bundle, backend: str, method: str, ops: list[str] | None, 
     return out
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, exit 2 (no usage dump)
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m calibration.quantize", description=__doc__.split("\n\n")[0].replace("``", "'"),
+    p = ArgumentParser(prog="python -m calibration.quantize", description=__doc__.split("\n\n")[0].replace("``", "'"),
                 epilog="Exit status: 0 written; 1 int8 agreement under --min-agreement (nothing written); "
                        "2 bad input (bundle, data, output, backend).")
     p.add_argument("bundle", help="fp32 ONNX bundle folder (python -m export.onnx)")
@@ -283,7 +280,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="onnxruntime: QDQ ONNX for ONNX Runtime CPU (default); openvino: NNCF int8 OpenVINO IR; "
                         "tensorrt: symmetric int8 QDQ ONNX for TensorRT explicit quantization (engines built on the "
                         "target, evaluated here with onnxruntime CPU)")
-    p.add_argument("--samples", type=int, default=256, help="calibration images (default 256, at least 8)")
+    p.add_argument("--samples", type=integer(MIN_IMAGES), default=256, help="calibration images (default 256, at least 8)")
     p.add_argument("--method", default="minmax", choices=ONNX_METHODS,
                    help="activation range calibration (default minmax). OpenVINO maps minmax->MINMAX, "
                         "percentile->MEAN_QUANTILE, entropy->HISTOGRAM")
@@ -291,8 +288,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="held-out images for the fp32 vs int8 check (default: --data images not used for "
                         "calibration); calibration images are always excluded")
     p.add_argument("--eval-split", help="CSV split of --eval-data (e.g. val)")
-    p.add_argument("--eval-samples", type=int, default=256, help="held-out images to compare on (default 256)")
-    p.add_argument("--min-agreement", type=float, default=0.99,
+    p.add_argument("--eval-samples", type=integer(1), default=256, help="held-out images to compare on (default 256)")
+    p.add_argument("--min-agreement", type=number(0), default=0.99,
                    help="refuse (exit 1, nothing written) when any level's fp32-vs-int8 top-1 agreement is lower "
                         "(default 0.99)")
     p.add_argument("--quantize-ops", metavar="OPS",

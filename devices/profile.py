@@ -35,7 +35,9 @@ from devices.machine import describe, machine_record
 from devices.profile_config import DeviceProfile, ProfileError, check_backend_available, load_profile
 from runtime.backends import BackendError, create_backend
 from runtime.bundle import Bundle, BundleError, load_bundle
+from runtime.atomic import write_atomic, write_text_atomic
 from runtime.cascade import Cascade, Result
+from runtime.cli import ArgumentParser, integer
 from runtime.data import DataError, load_images, read_image_list
 from runtime.errors import one_line
 from runtime.preprocess import ImageError, image_to_array
@@ -559,25 +561,13 @@ def plot_png(r: dict, path: str | os.PathLike) -> None:
     fig.suptitle(f"{r['bundle']['name']} ({r['bundle']['precision']}) on {r['device']['name']}: {s['backend']}, "
                  f"{s['threads'] or 'all'} threads, {s['runs']} runs", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120))
     plt.close(fig)
 
 
 # --- CLI ----------------------------------------------------------------------------------------------------------
-def _int_at_least(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        return value
-    return parse
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m devices.profile",
         description="Time a WaveCLIP bundle on this machine with a device profile's backend, provider, threads and "
                     "precision: each level alone, the early-exit cascade end to end on real images, throughput at "
@@ -587,18 +577,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("bundle", help="bundle folder (manifest.json + level graphs)")
     p.add_argument("--device", required=True, metavar="NAME_OR_PATH",
                    help="device profile: a name from devices/profiles/ (see `python -m devices list`) or a .toml path")
-    p.add_argument("--runs", type=_int_at_least(1), metavar="N",
+    p.add_argument("--runs", type=integer(1), metavar="N",
                    help="timed runs per measurement, after the warm-up (default: the profile's iterations)")
-    p.add_argument("--warmup", type=_int_at_least(0), default=10, metavar="N",
+    p.add_argument("--warmup", type=integer(0), default=10, metavar="N",
                    help="untimed runs before each measurement; for the per-image cascade, untimed images (default 10)")
-    p.add_argument("--batch", type=_int_at_least(1), metavar="B",
+    p.add_argument("--batch", type=integer(1), metavar="B",
                    help="batch size for the throughput measurements (default: the profile's largest batch size)")
     p.add_argument("--data", metavar="DIR_OR_CSV",
                    help="real images: a folder or a CSV with a path/file column (default ../shared/data/"
                         "imagenet-sample when present, else examples/images)")
-    p.add_argument("--images", type=_int_at_least(1), default=100, metavar="N",
+    p.add_argument("--images", type=integer(1), default=100, metavar="N",
                    help="images for the end-to-end cascade (a deterministic spread of the data; default 100)")
-    p.add_argument("--threads", type=_int_at_least(0), metavar="N",
+    p.add_argument("--threads", type=integer(0), metavar="N",
                    help="intra-op threads, overriding the profile's (0 = all cores)")
     p.add_argument("--baseline", default="auto", metavar="auto|none|PATH.onnx",
                    help="ViT baseline: auto = open_clip ViT-B-16 image tower exported once with torch.onnx.export to "
@@ -645,9 +635,9 @@ def main(argv: list[str] | None = None) -> int:
     text = format_markdown(report)
     sys.stdout.write(text)
     if args.markdown:
-        Path(args.markdown).write_text(text)
+        write_text_atomic(args.markdown, text)
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+        write_text_atomic(args.json, json.dumps(report, indent=2, default=_json_default) + "\n")
     if args.png:
         plot_png(report, args.png)
     for kind, path in (("json", args.json), ("markdown", args.markdown), ("png", args.png)):

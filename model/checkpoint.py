@@ -1,6 +1,7 @@
 """The ``ckpt.pt`` format: a plain dict of tensors and builtins, always loaded with ``weights_only=True``."""
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import tempfile
@@ -89,17 +90,55 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[WaveCLIP, dict]:
-    """Checkpoint -> (model in eval mode, checkpoint dict)."""
+    """Checkpoint -> (model in eval mode, checkpoint dict). The config, the weights' shapes and the head are checked
+    before anything is allocated."""
     ckpt = read_checkpoint(path)
     try:
-        model = WaveCLIP(WaveCLIPConfig.from_dict(ckpt["config"]))
-        missing, unexpected = model.load_state_dict(ckpt["state_dict"], strict=False)
-        if unexpected or any(not k.startswith(("patch_shift_", "patch_scale_")) for k in missing):
-            raise RuntimeError(f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
-        # checkpoints older than the patch standardisation keep its identity defaults
+        if not isinstance(ckpt["config"], dict):
+            raise TypeError(f"config is a {type(ckpt['config']).__name__}, not a dict")
+        cfg = WaveCLIPConfig.from_dict(ckpt["config"])
+        state = ckpt["state_dict"]
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise TypeError("state_dict is not a dict of tensors")
+        with torch.device("meta"):  # the shapes the config implies, without allocating them
+            expected = {k: tuple(v.shape) for k, v in WaveCLIP(cfg).state_dict().items()}
+        for k, shape in expected.items():  # checkpoints older than the patch standardisation: its identity
+            if k.startswith(("patch_shift_", "patch_scale_")) and k not in state:
+                state = {**state, k: (torch.zeros if "shift" in k else torch.ones)(shape)}
+        got = {k: tuple(v.shape) for k, v in state.items()}
+        if got != expected:
+            name = next(k for k in sorted(set(got) | set(expected)) if got.get(k) != expected.get(k))
+            raise ValueError(f"{name}: weights {got.get(name, 'missing')}, config expects {expected.get(name, 'none')}")
+        model = WaveCLIP(cfg)
+        model.load_state_dict(state)
     except (ValueError, RuntimeError, TypeError) as e:
-        raise CheckpointError(f"{path}: config and weights do not fit ({str(e).splitlines()[0][:200]})") from None
+        detail = " ".join(str(e).split())[:200] or type(e).__name__
+        raise CheckpointError(f"{path}: config and weights do not fit ({detail})") from None
+    _check_head(path, ckpt["head"], cfg.embed_dim)
     return model.eval(), ckpt
+
+
+def _check_head(path: str | os.PathLike, head: Any, embed_dim: int) -> None:
+    """class_names and labels (strings, as many as rows), weight [N, embed_dim], bias [N], a finite logit_scale."""
+    def fail(reason: str) -> None:
+        raise CheckpointError(f"{path}: head: {reason}")
+
+    if not isinstance(head, dict):
+        fail(f"expected a dict, got {type(head).__name__}")
+    lists = {k: head.get(k) for k in ("class_names", "labels")}
+    for key, values in lists.items():
+        if not isinstance(values, list) or not values or not all(isinstance(v, str) for v in values):
+            fail(f"{key} must be a non-empty list of strings")
+    n = len(lists["labels"])
+    if len(lists["class_names"]) != n:
+        fail(f"{len(lists['class_names'])} class names for {n} labels")
+    for key, shape in (("weight", (n, embed_dim)), ("bias", (n,))):
+        t = head.get(key)
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or tuple(t.shape) != shape:
+            fail(f"{key} must be a float tensor of shape {list(shape)} (labels x embed_dim)")
+    scale = head.get("logit_scale")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        fail(f"logit_scale must be a finite number, got {scale!r}")
 
 
 def publish_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, half: bool = True) -> None:

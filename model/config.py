@@ -5,6 +5,11 @@ import dataclasses
 from dataclasses import dataclass
 
 
+# Generous bounds (the presets are far inside them) that keep every size computed from a config finite.
+_INT_LIMITS = {"image_size": 16384, "dwt_levels": 8, "grid": 1024, "width": 65536, "layers": 1024, "heads": 1024,
+               "embed_dim": 65536, "channels": 3}
+
+
 @dataclass(frozen=True)
 class WaveCLIPConfig:
     """Layout of a WaveCLIP image tower.
@@ -27,6 +32,15 @@ class WaveCLIPConfig:
     name: str = "custom"
 
     def __post_init__(self) -> None:
+        for name, maximum in _INT_LIMITS.items():  # before any arithmetic: 2 ** dwt_levels must stay small
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= maximum:
+                raise ValueError(f"{name} must be an integer in 1..{maximum}, got {value!r}")
+        if not isinstance(self.mlp_ratio, (int, float)) or isinstance(self.mlp_ratio, bool) \
+                or not 0 < self.mlp_ratio <= 64:
+            raise ValueError(f"mlp_ratio must be a number in (0, 64], got {self.mlp_ratio!r}")
+        if not isinstance(self.name, str):
+            raise ValueError(f"name must be a string, got {self.name!r}")
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
         if self.image_size % (2 ** self.dwt_levels * self.grid):

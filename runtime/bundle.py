@@ -13,14 +13,12 @@ from typing import Iterator
 
 import numpy as np
 
-BUNDLE_FORMAT = "waveclip-edge/bundle"
-BUNDLE_FORMAT_VERSION = 1
+from runtime.atomic import replace_dir
+from runtime.errors import BundleError  # noqa: F401  (re-exported: callers import it from here)
+from runtime.manifest_check import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, check_manifest  # noqa: F401
+
 MANIFEST = "manifest.json"
 SCHEMA_PATH = Path(__file__).with_name("manifest.schema.json")
-
-
-class BundleError(ValueError):
-    """A bundle that cannot be used (missing file, sha256 mismatch, other format version); one-line message."""
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -90,28 +88,20 @@ class Bundle:
 
 
 def load_bundle(path: str | os.PathLike, verify: bool = True) -> Bundle:
-    """Load a bundle folder. With ``verify``, every file listed in the manifest is checked against its sha256."""
+    """Load a bundle folder. The manifest is always checked (:func:`runtime.manifest_check.check_manifest`) and every
+    file it lists must exist; with ``verify``, each is also checked against its sha256."""
     path = Path(path)
     mpath = path / MANIFEST
     if not mpath.is_file():
         raise BundleError(f"{path}: not a bundle (no {MANIFEST})")
     try:
-        manifest = json.loads(mpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BundleError(f"{mpath}: not valid JSON ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
-        raise BundleError(f"{mpath}: not a waveclip-edge bundle manifest")
-    if manifest.get("format_version") != BUNDLE_FORMAT_VERSION:
-        raise BundleError(
-            f"{mpath}: bundle format version {manifest.get('format_version')!r} is not supported "
-            f"(this runtime reads version {BUNDLE_FORMAT_VERSION})"
-        )
-    files = manifest.get("files", {})
-    needed = [lv["file"] for lv in manifest["levels"]] + [manifest["head"]["weight"]["file"], manifest["head"]["bias"]["file"]]
-    for name in needed:
-        if name not in files:
-            raise BundleError(f"{mpath}: {name} has no sha256 in 'files'")
-    for name, digest in files.items():
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise BundleError(f"{mpath}: not valid JSON ({type(e).__name__}: {' '.join(str(e).split())[:120]})") from None
+    except OSError as e:
+        raise BundleError(f"{mpath}: cannot read ({e.strerror or e})") from None
+    check_manifest(manifest, str(mpath))
+    for name, digest in manifest["files"].items():
         fpath = path / name
         if not fpath.is_file():
             raise BundleError(f"{path}: missing file {name}")
@@ -124,7 +114,10 @@ def load_bundle(path: str | os.PathLike, verify: bool = True) -> Bundle:
 
 
 def _read_array(folder: Path, spec: dict) -> np.ndarray:
-    data = np.fromfile(folder / spec["file"], dtype=np.dtype(spec["dtype"]).newbyteorder("<"))
+    try:
+        data = np.fromfile(folder / spec["file"], dtype=np.dtype(spec["dtype"]).newbyteorder("<"))
+    except OSError as e:
+        raise BundleError(f"{folder / spec['file']}: cannot read ({e.strerror or e})") from None
     if data.size != int(np.prod(spec["shape"])):
         raise BundleError(f"{folder / spec['file']}: holds {data.size} values, manifest says shape {spec['shape']}")
     return data.reshape(spec["shape"]).astype(np.float32)
@@ -148,7 +141,8 @@ def write_manifest(folder: str | os.PathLike, manifest: dict) -> None:
 
 
 def validate_manifest(manifest: dict) -> None:
-    """Validate against the JSON schema kept beside this module (needs the ``jsonschema`` package)."""
+    """Validate against the published JSON schema kept beside this module (needs the ``jsonschema`` package; tests
+    only: the runtime's own check is :func:`runtime.manifest_check.check_manifest`)."""
     import jsonschema
 
     jsonschema.validate(manifest, json.loads(SCHEMA_PATH.read_text()))
@@ -165,9 +159,7 @@ def staged_output(out: str | os.PathLike, force: bool = False) -> Iterator[Path]
     tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be shared
     try:
         yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        replace_dir(tmp, out)  # the old bundle stays complete until the new one is in place
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -1,6 +1,7 @@
 """The early-exit cascade: level 0 on the whole batch, then only undecided rows (with their KV rows) go on."""
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -59,6 +60,9 @@ def normalize_thresholds(thresholds: float | Sequence[float] | None, bundle: Bun
         values = [float(t) for t in thresholds]
     if len(values) != n:
         raise ValueError(f"need {n} thresholds (one per level before the last), got {len(values)}")
+    bad = [t for t in values if not math.isfinite(t) or t < 0]
+    if bad:
+        raise ValueError(f"threshold {bad[0]:g}: a gate threshold is a softmax margin, a finite number >= 0")
     return values
 
 

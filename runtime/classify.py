@@ -14,24 +14,28 @@ from tqdm import tqdm
 from runtime.backends import BACKENDS, BackendError
 from runtime.bundle import BundleError, load_bundle
 from runtime.cascade import Cascade, Result
+from runtime.cli import ArgumentParser, integer, threshold
 from runtime.data import ImageRecord, load_images
+from runtime.errors import one_line
 from runtime.preprocess import list_images
 from runtime.wavelet import images_to_levels
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m runtime.classify", description=__doc__.split(":", 1)[1].strip())
+    p = ArgumentParser(prog="python -m runtime.classify", description=__doc__.split(":", 1)[1].strip(),
+                       epilog="Exit status: 0 classified, 1 no image could be read, 2 bad input (bundle, values).")
     p.add_argument("bundle", help="bundle folder written by `python -m export.onnx` (or calibration.quantize)")
     p.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
     p.add_argument("--backend", default="onnxruntime", choices=BACKENDS, help="inference backend (default onnxruntime)")
-    p.add_argument("--threshold", type=float, nargs="+", metavar="T",
-                   help="gate threshold on the softmax top-1 minus top-2 margin: one value for every level or one per "
-                        "level before the last (default: the manifest's calibrated thresholds)")
-    p.add_argument("--max-level", type=int, help="never run deeper than this level (it always exits)")
-    p.add_argument("--top-k", type=int, default=5, help="labels to report per image (default 5)")
+    p.add_argument("--threshold", type=threshold, nargs="+", metavar="T",
+                   help="gate threshold (>= 0; above 1 never exits) on the softmax top-1 minus top-2 margin: one value "
+                        "for every level or one per level before the last (default: the manifest's thresholds)")
+    p.add_argument("--max-level", type=integer(0), help="never run deeper than this level (it always exits)")
+    p.add_argument("--top-k", type=integer(1), default=5, help="labels to report per image (default 5)")
     p.add_argument("--labels", help="comma-separated subset of class names or label ids to classify among")
-    p.add_argument("--batch-size", type=int, default=1, help="images per cascade batch (default 1)")
-    p.add_argument("--threads", type=int, help="intra-op threads for the backend (default: the backend's choice)")
+    p.add_argument("--batch-size", type=integer(1), default=1, help="images per cascade batch (default 1)")
+    p.add_argument("--threads", type=integer(0), help="intra-op threads for the backend (default or 0: the backend's "
+                                                     "choice)")
     p.add_argument("--json", action="store_true", help="print one JSON document with every result and the summary")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle files")
     return p.parse_args(argv)
@@ -58,11 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         bundle = load_bundle(args.bundle, verify=not args.no_verify)
         labels = [s.strip() for s in args.labels.split(",")] if args.labels else None
-        threshold = args.threshold[0] if args.threshold and len(args.threshold) == 1 else args.threshold
+        thresholds = args.threshold[0] if args.threshold and len(args.threshold) == 1 else args.threshold
         options = {"threads": args.threads} if args.threads else {}
-        cascade = Cascade(bundle, args.backend, threshold, args.max_level, labels, args.top_k, **options)
+        cascade = Cascade(bundle, args.backend, thresholds, args.max_level, labels, args.top_k, **options)
     except (BundleError, BackendError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     paths = list_images(args.images)
     if not paths:
@@ -72,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     results: list[tuple[Path, Result]] = []
     failed = 0
     start = time.perf_counter()
-    bar = tqdm(total=len(paths), unit="img", disable=len(paths) < 2 or args.json, file=sys.stderr)
+    bar = tqdm(total=len(paths), unit="img", file=sys.stderr,  # a bar only on a terminal (never torn into logs)
+               disable=len(paths) < 2 or args.json or not sys.stderr.isatty())
     for i in range(0, len(paths), args.batch_size):
         t0 = time.perf_counter()
         batch = [ImageRecord(p) for p in paths[i:i + args.batch_size]]
@@ -90,10 +95,11 @@ def main(argv: list[str] | None = None) -> int:
             results.append((path, res))
             if not args.json:
                 ms = " ".join(f"{m:.1f}" for m in res.level_ms)
-                tqdm.write(f"{path}: {res.class_name} ({res.score:.3f})  exit level {res.exit_level}  "
-                           f"margin {res.margin:.3f}  ms/level [{ms}]")
-                for name, score in res.top_k[1:]:
-                    tqdm.write(f"    {name} ({score:.3f})")
+                lines = [f"{path}: {res.class_name} ({res.score:.3f})  exit level {res.exit_level}  "
+                         f"margin {res.margin:.3f}  ms/level [{ms}]"]
+                lines += [f"    {name} ({score:.3f})" for name, score in res.top_k[1:]]
+                with tqdm.external_write_mode(file=sys.stdout):  # above the bar, whole lines, flushed
+                    print("\n".join(lines), flush=True)
     bar.close()
     summary = summarize([r for _, r in results], cascade, time.perf_counter() - start)
     summary["skipped"] = failed

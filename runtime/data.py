@@ -67,7 +67,7 @@ def _read_csv(path: Path, split: str | None) -> list[ImageRecord]:
     path_col = next((c for c in PATH_COLUMNS if c in columns), None)
     if path_col is None:
         raise DataError(f"{path}: CSV has no path column (expected one of {', '.join(PATH_COLUMNS)}; "
-                        f"found {', '.join(columns) or 'no header'})")
+                        f"found {', '.join(map(repr, columns)) or 'no header'})")
     label_col = next((c for c in LABEL_COLUMNS if c in columns), None)
     if split is not None:
         if "split" not in columns:
@@ -78,7 +78,32 @@ def _read_csv(path: Path, split: str | None) -> list[ImageRecord]:
     if not rows:
         raise DataError(f"{path}: CSV has no rows")
     root = path.parent
-    return [ImageRecord(root / r[path_col], (r[label_col] or None) if label_col else None) for r in rows]
+    for i, r in enumerate(rows, start=1):
+        if not isinstance(r.get(path_col), str) or not r[path_col].strip():
+            raise DataError(f"{path}: data row {i}: no {path_col!r} value")
+    return [ImageRecord(root / r[path_col], (r.get(label_col) or None) if label_col else None) for r in rows]
+
+
+def data_root() -> Path | None:
+    """The shared data folder named by ``$WAVECLIP_DATA``, if any."""
+    root = os.environ.get("WAVECLIP_DATA")
+    return Path(root).expanduser() if root else None
+
+
+def portable_source(source: str | os.PathLike, *roots: str | os.PathLike | None) -> str:
+    """How provenance names a data source: its path relative to the first of ``roots`` (or the data root) that holds
+    it, else its file or folder name only; never a machine's absolute path."""
+    path = Path(source).expanduser().resolve()
+    for root in [*roots, data_root()]:
+        if root is None:
+            continue
+        try:
+            rel = path.relative_to(Path(root).expanduser().resolve()).as_posix()
+        except ValueError:
+            continue
+        if rel != ".":
+            return rel
+    return path.name
 
 
 def spread(records: Sequence[ImageRecord], limit: int, seed: int = 0) -> list[ImageRecord]:

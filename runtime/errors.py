@@ -7,3 +7,7 @@ def one_line(err: BaseException, limit: int = 300) -> str:
     lines = str(err).strip().splitlines()
     text = lines[0].strip() if lines else type(err).__name__
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+class BundleError(ValueError):
+    """A bundle that cannot be used (missing file, sha256 mismatch, bad manifest field); one-line message."""

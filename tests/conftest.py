@@ -48,3 +48,17 @@ def tiny_bundle(tiny_checkpoint, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bundle") / "tiny"
     assert export_main([str(tiny_checkpoint), "-o", str(out), "--images", str(REPO / "examples" / "images")]) == 0
     return out
+
+
+def absolute_paths(obj) -> list[str]:
+    """Every string in a JSON document that is an absolute (POSIX, home or Windows) path."""
+    from pathlib import PurePosixPath, PureWindowsPath
+
+    if isinstance(obj, dict):
+        return [s for v in obj.values() for s in absolute_paths(v)]
+    if isinstance(obj, list):
+        return [s for v in obj for s in absolute_paths(v)]
+    if isinstance(obj, str) and (PurePosixPath(obj).is_absolute() or obj.startswith("~")
+                                 or PureWindowsPath(obj).drive):
+        return [obj]
+    return []

@@ -141,6 +141,15 @@ def test_cli_writes_manifest_and_curve(bundle_copy, labelled_csv, tmp_path, caps
     assert "held-apart" in capsys.readouterr().out
 
 
+def test_cli_provenance_records_no_absolute_path(bundle_copy, labelled_csv, tmp_path):
+    from conftest import absolute_paths
+
+    assert main([str(bundle_copy), "--data", str(labelled_csv), "--out-dir", str(tmp_path / "out")]) == 0
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    assert manifest["gate"]["calibration"]["data"]["source"] == "labels.csv"  # outside bundle and data root: name
+    assert absolute_paths(manifest) == []
+
+
 def test_cli_budget_gflops_and_dry_run(bundle_copy, labelled_csv, tmp_path):
     before = (bundle_copy / "manifest.json").read_bytes()
     budget = float(np.mean(json.loads(before)["levels"][1]["cumulative_gflops"]))

@@ -77,6 +77,16 @@ def test_ort_bundle_contract(ort_int8, tiny_bundle):
         assert {e.value for t in graph.initializer for e in t.external_data if e.key == "location"} == {"weights.bin"}
 
 
+def test_provenance_records_no_absolute_path(ort_int8):
+    from conftest import absolute_paths
+
+    out = ort_int8[0]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["quantization"]["data"]["source"] in ("labels.csv", "tiny-imagenet-200/labels.csv")
+    assert absolute_paths(manifest) == []
+    assert absolute_paths(json.loads((out / "quantization_report.json").read_text())) == []
+
+
 def test_report_per_level(ort_int8):
     out, _ = ort_int8
     report = json.loads((out / Q.REPORT).read_text())

@@ -35,8 +35,11 @@ def choose_labels(arg: str | None, records: list[ImageRecord], source: str) -> l
     path = Path(arg).expanduser()
     if not path.is_file():
         raise DistillError(f"--labels {arg}: expected imagenet1k, from-data or an existing file")
-    labels = [s for s in (line.strip() for line in path.read_text(encoding="utf-8").splitlines())
-              if s and not s.startswith("#")]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DistillError(f"--labels {arg}: cannot read as UTF-8 text ({type(e).__name__})") from None
+    labels = [s for s in (line.strip() for line in text.splitlines()) if s and not s.startswith("#")]
     if not labels:
         raise DistillError(f"--labels {arg}: the file lists no labels")
     return labels

@@ -1,0 +1,54 @@
+"""Command-line values checked where they enter: argparse types with ranges, and a parser whose errors are one line
+(``error: ... (see --help)``, exit 2, no usage dump)."""
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Callable
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
+def integer(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer in [minimum, maximum]."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}" + (f" and <= {maximum}" if maximum is not None
+                                                                         else "") + f", got {value}")
+        return value
+    parse.__name__ = "integer"  # argparse names the type in its messages
+    return parse
+
+
+def number(minimum: float | None = None, maximum: float | None = None, below: float | None = None,
+           above: float | None = None) -> Callable[[str], float]:
+    """An argparse type: a finite float with inclusive (minimum, maximum) or exclusive (above, below) bounds."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        bad = (not math.isfinite(value) or (minimum is not None and value < minimum)
+               or (maximum is not None and value > maximum) or (below is not None and value >= below)
+               or (above is not None and value <= above))
+        if bad:
+            parts = [f">= {minimum:g}" if minimum is not None else "", f"> {above:g}" if above is not None else "",
+                     f"<= {maximum:g}" if maximum is not None else "", f"< {below:g}" if below is not None else ""]
+            bounds = " and ".join(p for p in parts if p)
+            raise argparse.ArgumentTypeError(f"must be a finite number{' ' + bounds if bounds else ''}, got {text}")
+        return value
+    parse.__name__ = "number"
+    return parse
+
+
+threshold = number(minimum=0.0)
+threshold.__doc__ = "A gate threshold: a softmax margin, a finite number >= 0 (above 1: never exit there)."
