@@ -24,29 +24,30 @@ import datetime as dt
 import json
 import os
 import sys
-import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 
-from devices.baseline import BASELINE_NAME, BaselineError, OnnxTimer, quantized_baseline, resolve_baseline
-from devices.machine import describe, machine_record
+from devices.baseline import BaselineError
+from devices.machine import machine_record
 from devices.profile_config import DeviceProfile, ProfileError, check_backend_available, load_profile
+from devices.profile_measure import (Progress, _r, _ratio, batch_throughput, cascade_latency, exit_costs,
+                                     exit_histogram, exit_mix_latency, expected_latency, level_latency, summarize,
+                                     vit_baseline)
+from devices.profile_report import format_markdown, plot_png
 from runtime.backends import BackendError, create_backend
 from runtime.bundle import Bundle, BundleError, load_bundle
-from runtime.atomic import write_atomic, write_text_atomic
-from runtime.cascade import Cascade, Result
+from runtime.atomic import write_text_atomic
+from runtime.cascade import Cascade
 from runtime.cli import ArgumentParser, integer
 from runtime.data import DataError, load_images, read_image_list
-from runtime.errors import one_line
-from runtime.preprocess import ImageError, image_to_array
-from runtime.timing import exit_cost_times, exit_plan, expected_ms, level_times, parse_exit_mix, time_calls
+from runtime.preprocess import ImageError
+from runtime.timing import parse_exit_mix
 from runtime.wavelet import images_to_levels
 
 REPO = Path(__file__).resolve().parents[1]
 ALWAYS_FULL = 2.0  # a softmax margin is <= 1, so thresholds above it never exit early
-STAT_KEYS = ("min_ms", "p50_ms", "p90_ms", "p99_ms", "max_ms", "mean_ms")
 RATIO_BASIS = "mean model latency at batch 1 (preprocessing excluded); < 1 means faster than the reference"
 
 
@@ -58,46 +59,6 @@ def default_data() -> Path:
     """../shared/data/imagenet-sample (or $WAVECLIP_DATA/imagenet-sample) when present, else examples/images."""
     shared = Path(os.environ.get("WAVECLIP_DATA", REPO.parent / "shared" / "data")) / "imagenet-sample"
     return shared if shared.is_dir() else REPO / "examples" / "images"
-
-
-# --- statistics ---------------------------------------------------------------------------------------------------
-def summarize(ms: Sequence[float]) -> dict[str, float | int]:
-    """min / p50 / p90 / p99 / max / mean (ms) and the number of samples."""
-    a = np.asarray(ms, dtype=np.float64)
-    if a.size == 0:
-        return {**{k: None for k in STAT_KEYS}, "runs": 0}
-    p50, p90, p99 = np.percentile(a, [50, 90, 99])
-    return {"min_ms": _r(a.min()), "p50_ms": _r(p50), "p90_ms": _r(p90), "p99_ms": _r(p99), "max_ms": _r(a.max()),
-            "mean_ms": _r(a.mean()), "runs": int(a.size)}
-
-
-def _r(x: float | None, digits: int = 4) -> float | None:
-    return None if x is None else round(float(x), digits)
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return None if a is None or b is None or b == 0 else round(float(a) / float(b), 4)
-
-
-class Progress:
-    """tqdm bars on stderr (auto-off when stderr is not a terminal, or with --quiet)."""
-
-    def __init__(self, enabled: bool | None) -> None:
-        self.enabled = enabled
-
-    def __call__(self, iterable, desc: str, total: int | None = None):
-        try:
-            from tqdm import tqdm
-        except ImportError:
-            return iterable
-        disable = None if self.enabled is None else not self.enabled
-        return tqdm(iterable, desc=desc, total=total, file=sys.stderr, leave=False, disable=disable,
-                    dynamic_ncols=True)
-
-
-def time_runs(fn: Callable[[], Any], runs: int, warmup: int, desc: str, progress: Progress) -> list[float]:
-    """``warmup`` untimed calls, then the ms of each of ``runs`` calls (with a progress bar)."""
-    return time_calls(fn, runs, warmup, progress, desc)
 
 
 # --- setup --------------------------------------------------------------------------------------------------------
@@ -144,153 +105,6 @@ def load_real_images(source: str | os.PathLike, count: int, spec: dict, notes: l
     if len(paths) < count:
         notes.append(f"{source} has {len(paths)} readable images (asked for {count})")
     return paths, arrays
-
-
-# --- measurements -------------------------------------------------------------------------------------------------
-def level_latency(bundle: Bundle, backend, levels: list[np.ndarray], runs: int, warmup: int,
-                  progress: Progress) -> list[dict]:
-    """Each level alone at batch 1 on one real image, with the real KV cache of the levels before it."""
-    times = level_times(backend, levels, runs, warmup, progress)
-    return [{"level": k, "batch": 1, "gflops": _r(lv.get("gflops"), 5),
-             "cumulative_gflops": _r(lv.get("cumulative_gflops"), 5), **summarize(t)}
-            for k, (lv, t) in enumerate(zip(bundle.manifest["levels"], times))]
-
-
-def cascade_latency(gated: Cascade, full: Cascade, paths: list[Path], spec: dict, warmup: int,
-                    progress: Progress) -> dict:
-    """Per image at batch 1: preprocess ms (decode + resize + wavelet), gated cascade ms, always-full cascade ms
-    (interleaved image by image so background load hits both alike)."""
-    def one(path: Path) -> tuple[float, float, float, Result]:
-        t0 = time.perf_counter()
-        levels = images_to_levels(image_to_array(path, spec)[None], spec)
-        t1 = time.perf_counter()
-        result = gated.classify_levels(levels)[0]
-        t2 = time.perf_counter()
-        full.classify_levels(levels)
-        t3 = time.perf_counter()
-        return (t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3, result
-
-    for i in range(warmup):
-        one(paths[i % len(paths)])
-    pre, casc, full_ms, exits = [], [], [], []
-    for path in progress(paths, "cascade"):
-        p, c, f, r = one(path)
-        pre.append(p)
-        casc.append(c)
-        full_ms.append(f)
-        exits.append(r.exit_level)
-    return {"preprocess": pre, "cascade": casc, "always_full": full_ms, "exits": exits}
-
-
-def exit_histogram(exits: Sequence[int], num_levels: int) -> list[dict]:
-    n = max(len(exits), 1)
-    counts = np.bincount(np.asarray(exits, dtype=int), minlength=num_levels)[:num_levels]
-    reach = np.cumsum(counts[::-1])[::-1]  # images that ran level k = exits at k or later
-    return [{"level": k, "count": int(counts[k]), "fraction": _r(counts[k] / n), "reach_fraction": _r(reach[k] / n)}
-            for k in range(num_levels)]
-
-
-def exit_costs(cascade: Cascade, levels: list[np.ndarray], runs: int, warmup: int, progress: Progress) -> list[dict]:
-    """The cost of an image that exits at each level: the real cascade at batch 1 (levels, head, softmax, KV rows)
-    with the exit forced there. The cost model of the expected latency here and of calibration.gate --budget-ms."""
-    times = exit_cost_times(cascade, levels, runs, warmup, progress)
-    return [{"level": k, "batch": 1, **summarize(t)} for k, t in enumerate(times)]
-
-
-def expected_latency(hist: list[dict], costs: list[dict], measured_mean: float | None, bundle: Bundle) -> dict:
-    """sum_k P(exit at k) * mean cost of exiting at k, next to the measured mean; plus the expected GFLOPs."""
-    fractions = [h["fraction"] for h in hist]
-    expected = expected_ms(fractions, [c["mean_ms"] for c in costs])
-    cum = [lv.get("cumulative_gflops") for lv in bundle.manifest["levels"]]
-    gflops = (sum(f * c for f, c in zip(fractions, cum)) if all(c is not None for c in cum) else None)
-    return {"expected_ms": _r(expected), "measured_mean_ms": _r(measured_mean),
-            "expected_vs_measured": _ratio(expected, measured_mean), "expected_gflops": _r(gflops, 5),
-            "formula": "sum over levels k of P(exit at level k) * mean ms of the real cascade with the exit forced at "
-                       "k (batch 1: levels, head, softmax and KV rows included)"}
-
-
-def exit_mix_latency(cascade: Cascade, paths: list[Path], spec: dict, mix: np.ndarray, costs: list[dict],
-                     images: np.ndarray, batch: int, runs: int, warmup: int, progress: Progress) -> dict:
-    """The real cascade end to end with the exits forced to ``mix``: per image at batch 1 (each image of ``paths``
-    forced to its exit in a plan whose counts follow the mix), and throughput at ``batch`` over 5 batches."""
-    plan = exit_plan(mix, len(paths))
-    levels = [images_to_levels(image_to_array(p, spec)[None], spec) for p in paths]
-    for i in range(min(warmup, len(paths))):
-        cascade.classify_levels(levels[i], exit_levels=[plan[i]])
-    ms = []
-    for lv, k in zip(progress(levels, "exit mix"), plan):
-        t0 = time.perf_counter()
-        cascade.classify_levels(lv, exit_levels=[k])
-        ms.append((time.perf_counter() - t0) * 1e3)
-    counts = np.bincount(plan, minlength=len(mix))
-    expected = expected_ms(counts / counts.sum(), [c["mean_ms"] for c in costs])
-    measured = summarize(ms)
-    reps = -(-batch // len(images))
-    big = images_to_levels(np.concatenate([images] * reps)[:batch], spec)
-    bplan = exit_plan(mix, 5 * batch)
-    chunks = [bplan[i:i + batch] for i in range(0, len(bplan), batch)]
-    tb = time_runs(lambda: [cascade.classify_levels(big, exit_levels=c) for c in chunks], runs, min(warmup, 2),
-                   f"exit mix b{batch}", progress)
-    stats = summarize([t / len(chunks) for t in tb])
-    return {"mix": [_r(m) for m in mix], "images": len(paths), "plan_counts": counts.tolist(), "cascade": measured,
-            "expected_ms": _r(expected), "expected_vs_measured": _ratio(expected, measured["mean_ms"]),
-            "throughput": {"batch": batch, "images_per_s": _r(batch * 1e3 / stats["mean_ms"], 3), **stats}}
-
-
-def batch_throughput(cascade: Cascade, images: np.ndarray, batch: int, spec: dict, runs: int, warmup: int,
-                     desc: str, progress: Progress) -> dict:
-    """images/s of ``cascade.classify_levels`` on ``batch`` real images (preprocessed once)."""
-    reps = -(-batch // len(images))
-    levels = images_to_levels(np.concatenate([images] * reps)[:batch], spec)
-    times = time_runs(lambda: cascade.classify_levels(levels), runs, warmup, desc, progress)
-    stats = summarize(times)
-    return {"batch": batch, "images_per_s": _r(batch * 1e3 / stats["mean_ms"], 3), **stats}
-
-
-def vit_baseline(spec: str, profile: DeviceProfile, threads: int | None, images: np.ndarray, batch: int, runs: int,
-                 warmup: int, progress: Progress, log: Callable[[str], None], bundle: Bundle | None = None,
-                 inference_precision: str | None = None) -> dict:
-    """ViT-B-16 (or a given single-input ONNX graph) at batch 1 and ``batch`` with the same backend, threads and
-    precision as the bundle: an int8 bundle's baseline is ViT-B-16 quantized the same way (``auto`` only)."""
-    choice = resolve_baseline(spec, log)
-    precision = bundle.manifest.get("precision", "fp32") if bundle is not None else profile.precision
-    if spec == "auto" and choice.path is not None and precision == "int8":
-        target = bundle.manifest.get("quantization", {}).get("backend", profile.backend)
-        try:
-            path = quantized_baseline(choice.path, target, images[:16], log)
-            choice = type(choice)(path, f"{choice.note}; quantized to int8 for {target} as calibration.quantize does "
-                                        f"(16 calibration images), cached {path}")
-        except Exception as e:  # quantization failures: time nothing rather than an unfair baseline
-            return {"name": BASELINE_NAME, "note": f"int8 baseline skipped: {one_line(e)}", "path": None,
-                    "skipped": True}
-    out: dict[str, Any] = {"name": BASELINE_NAME if spec in ("auto", "none") else Path(spec).stem, "note": choice.note,
-                           "path": str(choice.path) if choice.path else None, "skipped": choice.path is None}
-    if choice.path is None:
-        return out
-    if spec == "auto":
-        from model.config import vit_gflops  # model.config needs no torch
-
-        out["gflops"] = _r(vit_gflops(), 5)
-    else:
-        out["gflops"] = None
-    try:
-        timer = OnnxTimer(choice.path, profile.backend, profile.execution_provider, threads, precision,
-                          inference_precision)
-    except BaselineError as e:
-        if profile.backend == "tensorrt":
-            return {**out, "skipped": True, "note": str(e)}
-        raise
-    x1 = timer.feed(1, images)
-    out["batch1"] = {"batch": 1, **summarize(time_runs(lambda: timer.run(x1), runs, warmup, f"{out['name']} b1",
-                                                       progress))}
-    out["batch1"]["images_per_s"] = _r(1e3 / out["batch1"]["mean_ms"], 3)
-    if batch != 1:
-        xb = timer.feed(batch, images)
-        s = summarize(time_runs(lambda: timer.run(xb), runs, warmup, f"{out['name']} b{batch}", progress))
-        out["batch_b"] = {"batch": batch, "images_per_s": _r(batch * 1e3 / s["mean_ms"], 3), **s}
-    else:
-        out["batch_b"] = out["batch1"]
-    return out
 
 
 def profile_bundle(args: argparse.Namespace, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> dict:
@@ -425,147 +239,6 @@ def profile_dict(p: DeviceProfile) -> dict:
 
 
 # --- output -------------------------------------------------------------------------------------------------------
-def _f(x: float | None, digits: int = 2) -> str:
-    return "-" if x is None else f"{x:.{digits}f}"
-
-
-def _g(x: float | None) -> str:
-    return "-" if x is None else f"{x:.3g}"
-
-
-def _x(x: float | None) -> str:
-    return "-" if x is None else f"{x:.3g}x"
-
-
-def format_markdown(r: dict) -> str:
-    """The report as Markdown tables."""
-    s, b, d = r["settings"], r["bundle"], r["device"]
-    lines = [f"# {b['name']} ({b['precision']}) on {d['name']}", "",
-             f"- backend: {s['backend']} / {s['execution_provider']}, threads: {s['threads'] or 'all'}, "
-             f"runs: {s['runs']} after {s['warmup']} warm-up, batch B = {s['batch']}",
-             f"- data: {s['data']} ({s['images']} images); thresholds: {', '.join(f'{t:g}' for t in r['thresholds'])}",
-             f"- machine: {describe(r['machine'])}", "",
-             "## Each level alone (batch 1, real image, real KV cache)", "",
-             "| level | GFLOPs | min ms | p50 ms | p90 ms | p99 ms | max ms | mean ms |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for lv in r["levels"]:
-        lines.append(f"| {lv['level']} | {_g(lv['gflops'])} | " + " | ".join(_f(lv[k]) for k in STAT_KEYS) + " |")
-    c, full, vit = r["cascade"], r["baselines"]["always_full"], r["baselines"]["vit_b16"]
-    lines += ["", "## End to end (batch 1, per image)", "",
-              "| what | GFLOPs | min ms | p50 ms | p90 ms | p99 ms | max ms | mean ms |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|"]
-
-    def row(name: str, g: float | None, st: dict) -> str:
-        return f"| {name} | {_g(g)} | " + " | ".join(_f(st.get(k)) for k in STAT_KEYS) + " |"
-    e = r["expected_latency"]
-    lines += [row("preprocess (decode, resize, wavelet)", None, c["preprocess"]),
-              row("cascade (bundle thresholds)", e["expected_gflops"], c["cascade"]),
-              row("preprocess + cascade", None, c["total"]),
-              row("always-full WaveCLIP (all levels)", full["gflops"], full["cascade"])]
-    if not vit["skipped"]:
-        lines.append(row(f"{vit['name']} baseline", vit.get("gflops"), vit["batch1"]))
-    m = r.get("exit_mix")
-    if m:
-        lines.append(row(f"cascade at exit mix {'/'.join(f'{100 * x:g}' for x in m['mix'])} (forced)", None,
-                         m["cascade"]))
-    lines += ["", f"Expected cascade latency from the exit rates: {_f(e['expected_ms'])} ms "
-                  f"(sum of P(exit at k) x cost of exiting at k); measured mean: {_f(e['measured_mean_ms'])} ms."]
-    if m:
-        lines.append(f"At the forced exit mix: expected {_f(m['expected_ms'])} ms, measured mean "
-                     f"{_f(m['cascade']['mean_ms'])} ms (expected / measured {_x(m['expected_vs_measured'])}); "
-                     f"batch {m['throughput']['batch']}: {_f(m['throughput']['images_per_s'], 1)} images/s.")
-    lines += ["", "## Cost of exiting at each level (batch 1, real cascade, exit forced)", "",
-              "| exit at | p50 ms | mean ms |", "|---:|---:|---:|"]
-    lines += [f"| {c['level']} | {_f(c['p50_ms'])} | {_f(c['mean_ms'])} |" for c in r.get("exit_costs", [])]
-    lines += ["",
-              "## Exits", "", "| level | images | fraction | reached |", "|---:|---:|---:|---:|"]
-    lines += [f"| {h['level']} | {h['count']} | {h['fraction']:.3f} | {h['reach_fraction']:.3f} |"
-              for h in r["exit_histogram"]]
-    t = r["throughput"]
-    lines += ["", f"## Throughput (batch {t['batch']})", "", "| what | p50 ms / batch | mean ms / batch | images/s |",
-              "|---|---:|---:|---:|"]
-    for key, name in (("cascade", "cascade"), ("always_full", "always-full WaveCLIP"),
-                      ("vit_b16", f"{vit.get('name')} baseline")):
-        if key in t:
-            x = t[key]
-            lines.append(f"| {name} | {_f(x['p50_ms'])} | {_f(x['mean_ms'])} | {_f(x['images_per_s'], 1)} |")
-    q = r["ratios"]
-    q, n = r["ratios"], vit.get("name")
-    lines += ["", "## Ratios", "", f"Latency at batch 1, model time (preprocessing excluded); < 1 means faster than "
-              f"the reference. Throughput at batch {t['batch']}; > 1 means more images/s.", "",
-              "| ratio | on means | on p50s |", "|---|---:|---:|"]
-    for key, name in (("cascade_vs_vit_b16", f"cascade / {n}"), ("always_full_vs_vit_b16", f"always-full / {n}"),
-                      ("cascade_vs_always_full", "cascade / always-full"), ("level0_vs_vit_b16", f"level 0 / {n}")):
-        lines.append(f"| {name} | {_x(q[key])} | {_x(q['p50'][key])} |")
-    if "exit_mix_vs_vit_b16" in q:
-        lines.append(f"| cascade at exit mix / {n} | {_x(q['exit_mix_vs_vit_b16'])} | |")
-        lines.append(f"| throughput: exit mix / {n} | {_x(q['throughput_exit_mix_vs_vit_b16'])} | |")
-    for key, name in (("throughput_cascade_vs_vit_b16", f"throughput: cascade / {n}"),
-                      ("throughput_always_full_vs_vit_b16", f"throughput: always-full / {n}"),
-                      ("throughput_cascade_vs_always_full", "throughput: cascade / always-full")):
-        lines.append(f"| {name} | {_x(q[key])} | |")
-    if vit.get("note"):
-        lines += ["", f"Baseline: {vit['note']}."]
-    if r["notes"]:
-        lines += ["", "Notes:"] + [f"- {n}" for n in r["notes"]]
-    return "\n".join(lines) + "\n"
-
-
-def plot_png(r: dict, path: str | os.PathLike) -> None:
-    """Latency per level vs cascade vs always-full vs ViT-B-16 (batch 1), and throughput at batch B."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names, p50, p90, colors = [], [], [], []
-    for lv in r["levels"]:
-        names.append(f"level {lv['level']} alone")
-        p50.append(lv["p50_ms"])
-        p90.append(lv["p90_ms"])
-        colors.append("#9ecae1")
-    c, full, vit = r["cascade"]["cascade"], r["baselines"]["always_full"]["cascade"], r["baselines"]["vit_b16"]
-    for name, st, col in (("cascade", c, "#3182bd"), ("always-full", full, "#756bb1")):
-        names.append(name)
-        p50.append(st["p50_ms"])
-        p90.append(st["p90_ms"])
-        colors.append(col)
-    if not vit["skipped"]:
-        names.append(vit["name"])
-        p50.append(vit["batch1"]["p50_ms"])
-        p90.append(vit["batch1"]["p90_ms"])
-        colors.append("#e6550d")
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 0.45 * len(names) + 2.2),
-                                  gridspec_kw={"width_ratios": [2, 1]})
-    y = np.arange(len(names))[::-1]
-    err = np.array([np.zeros(len(p50)), np.maximum(np.array(p90) - np.array(p50), 0)])
-    ax.barh(y, p50, xerr=err, color=colors, capsize=3)
-    ax.set_yticks(y, names)
-    for yi, v, w in zip(y, p50, p90):
-        ax.text(max(v, w), yi, f"  {v:.1f}", va="center", fontsize=8)
-    ax.axvline(r["expected_latency"]["expected_ms"], color="#3182bd", ls="--", lw=1, label="expected from exit rates")
-    ax.set_xlabel("ms at batch 1 (bar: p50, whisker: p90)")
-    ax.legend(loc="lower right", fontsize=8)
-    t = r["throughput"]
-    tn = [("cascade", "cascade", "#3182bd"), ("always_full", "always-full", "#756bb1"),
-          ("vit_b16", vit.get("name") or "baseline", "#e6550d")]
-    tn = [x for x in tn if x[0] in t]
-    y2 = np.arange(len(tn))[::-1]
-    vals = [t[k]["images_per_s"] for k, _, _ in tn]
-    ax2.barh(y2, vals, color=[col for _, _, col in tn])
-    ax2.set_yticks(y2, [n for _, n, _ in tn])
-    for yi, v in zip(y2, vals):
-        ax2.text(v, yi, f" {v:.1f}", va="center", fontsize=8)
-    ax2.set_xlabel(f"images/s at batch {t['batch']}")
-    s = r["settings"]
-    fig.suptitle(f"{r['bundle']['name']} ({r['bundle']['precision']}) on {r['device']['name']}: {s['backend']}, "
-                 f"{s['threads'] or 'all'} threads, {s['runs']} runs", fontsize=10)
-    fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120))
-    plt.close(fig)
-
-
-# --- CLI ----------------------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = ArgumentParser(
         prog="python -m devices.profile",
