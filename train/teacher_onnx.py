@@ -1,6 +1,6 @@
 """Run a teacher's forward in ONNX Runtime for the teacher pass (about 1.7x torch's fp32 speed on a CPU, exact fp32).
 
-The teacher is exported once per process with ``torch.onnx.export`` into a temporary folder; the first batch is
+The teacher is exported once per process with ``torch.onnx.export`` (through a temporary folder, removed after); the first batch is
 checked against torch (``PARITY_ATOL`` relative to the output scale) and any failure falls back to torch, so the
 cache never holds outputs of a graph that was not verified.
 """
@@ -51,17 +51,18 @@ def onnx_encoder(teacher: Teacher, sample: torch.Tensor, threads: int | None = N
     try:
         import onnxruntime as ort
 
-        folder = Path(tempfile.mkdtemp(prefix="waveclip-teacher-"))
-        path = folder / "teacher.onnx"
-        with warnings.catch_warnings(), torch.no_grad():
+        with tempfile.TemporaryDirectory(prefix="waveclip-teacher-") as folder, warnings.catch_warnings(), \
+                torch.no_grad():
+            path = Path(folder) / "teacher.onnx"
             warnings.simplefilter("ignore")
             torch.onnx.export(_WithMap(teacher).eval(), (sample[:1],), str(path), input_names=["pixels"],
                               output_names=["embedding", "map"], dynamic_axes={"pixels": {0: "batch"}},
                               opset_version=17, dynamo=False)
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            options = ort.SessionOptions()
+            if threads:
+                options.intra_op_num_threads = threads
+            # loaded into memory, so the temporary file can go (a teacher under 2 GB has no external data)
+            session = ort.InferenceSession(path.read_bytes(), options, providers=["CPUExecutionProvider"])
         emb, fmap = session.run(None, {"pixels": sample.numpy()})
     except Exception as err:  # any export/runtime problem: the torch path is always right
         log.warning("teacher: ONNX Runtime path unavailable (%s); using torch", " ".join(str(err).split())[:200])
