@@ -62,7 +62,8 @@ def cpu_has_bf16() -> bool:
 
 
 def setups(bundles: list[Bundle], images: np.ndarray, threads: int, ort_weights: list[str],
-           log: Callable[[str], None], vit_spec: str = "auto") -> list[Setup]:
+           log: Callable[[str], None], vit_spec: str = "auto", ov_weights: tuple[str, ...] = ("levels",)
+           ) -> list[Setup]:
     from devices.baseline import quantized_baseline, resolve_baseline
 
     vit = resolve_baseline(vit_spec, log).path
@@ -73,18 +74,24 @@ def setups(bundles: list[Bundle], images: np.ndarray, threads: int, ort_weights:
         prec = b.manifest.get("precision", "fp32")
         if prec == "fp32":
             for w in ort_weights:
-                out.append(Setup(f"onnxruntime fp32 ({w})", str(b.path), "onnxruntime", {"weights": w}, str(vit),
-                                 "fp32", None))
-            out.append(Setup("openvino f32", str(b.path), "openvino", {"inference_precision": "f32"}, str(vit),
-                             "fp32", "f32"))
-            if cpu_has_bf16():
-                out.append(Setup("openvino bf16", str(b.path), "openvino", {"inference_precision": "bf16"}, str(vit),
-                                 "fp32", "bf16"))
+                if w != "split" or b.has_split:
+                    out.append(Setup(f"onnxruntime fp32 ({w})", str(b.path), "onnxruntime", {"weights": w},
+                                     str(vit), "fp32", None))
+            for precision in ("f32", "bf16") if cpu_has_bf16() else ("f32",):
+                for w in ov_weights:
+                    if w != "split" or b.has_split:
+                        out.append(Setup(f"openvino {precision} ({w})", str(b.path), "openvino",
+                                         {"inference_precision": precision, "weights": w}, str(vit), "fp32",
+                                         precision))
         else:
             target = b.manifest.get("quantization", {}).get("backend", "onnxruntime")
             qvit = str(quantized_baseline(vit, target, images[:16], log))
-            opts = {"weights": ort_weights[0]} if target == "onnxruntime" else {}
-            out.append(Setup(f"{target} {prec}", str(b.path), target, opts, qvit, prec, None))
+            if target != "onnxruntime":
+                out.append(Setup(f"{target} {prec}", str(b.path), target, {}, qvit, prec, None))
+                continue
+            for w in ort_weights:
+                if w != "split" or b.has_split:
+                    out.append(Setup(f"{target} {prec} ({w})", str(b.path), target, {"weights": w}, qvit, prec, None))
     return out
 
 
@@ -177,9 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=8, help="batch for throughput (default 8)")
     p.add_argument("--batch-rounds", type=int, default=2, help="timed rounds at --batch (default 2)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--ort-weights", default="levels,shared",
-                   help="ONNX Runtime weights modes to time for fp32, of levels, shared, merged (runtime.backends.ort; "
-                        "default levels,shared)")
+    p.add_argument("--ort-weights", default="levels,split",
+                   help="ONNX Runtime weights modes to time for fp32, of levels, split, shared, merged "
+                        "(runtime.backends.ort; default levels,split; split needs the bundle's split graphs)")
+    p.add_argument("--ov-weights", default="levels,split",
+                   help="OpenVINO weights modes to time for fp32, of levels, split (default levels,split)")
     p.add_argument("--vit", default="auto", metavar="auto|PATH.onnx",
                    help="the baseline: auto = open_clip ViT-B-16 exported once (devices.baseline), or an ONNX file")
     p.add_argument("--no-memory", action="store_true", help="skip the resident-memory probes")
@@ -217,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     L = bundles[0].num_levels
     plan = exit_plan(mix, 10 * args.rounds)  # 10 images per round; over all rounds the counts follow the mix
     batch_plan = exit_plan(mix, args.batch * 5)
-    run = setups(bundles, images, args.threads, args.ort_weights.split(","), log, args.vit)
+    run = setups(bundles, images, args.threads, args.ort_weights.split(","), log, args.vit,
+                 tuple(args.ov_weights.split(",")))
     images_file = str(Path(os.environ.get("TMPDIR", "/tmp")) / f"speed-images-{os.getpid()}.npy")
     np.save(images_file, images)
 

@@ -43,10 +43,11 @@ def _run(cascade: Cascade, patches: list[np.ndarray], progress: bool, desc: str)
 
 
 def compare(fp32: Bundle, int8: Bundle, patches: list[np.ndarray], int8_backend: str = "onnxruntime",
-            true_labels: Sequence[str | None] | None = None, progress: bool = True) -> dict:
-    """Compare the int8 bundle (run by ``int8_backend``) with the fp32 bundle (ONNX Runtime CPU) on ``patches``."""
-    ref = Cascade(fp32, "onnxruntime", providers=["CPUExecutionProvider"])
-    q_opts = {"providers": ["CPUExecutionProvider"]} if int8_backend == "onnxruntime" else {}
+            true_labels: Sequence[str | None] | None = None, progress: bool = True, weights: str = "levels") -> dict:
+    """Compare the int8 bundle (run by ``int8_backend``; ONNX Runtime: in its ``weights`` mode) with the fp32 bundle
+    (ONNX Runtime CPU, level graphs) on ``patches``."""
+    ref = Cascade(fp32, "onnxruntime", providers=["CPUExecutionProvider"], weights="levels")
+    q_opts = {"weights": weights} | ({"providers": ["CPUExecutionProvider"]} if int8_backend == "onnxruntime" else {})
     got = Cascade(int8, int8_backend, **q_opts)
     ref_emb, ref_lab, ref_exit = _run(ref, patches, progress, "eval fp32")
     q_emb, q_lab, q_exit = _run(got, patches, progress, f"eval int8 ({int8_backend})")

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from calibration.backends import (DEFAULT_OPS, ONNX_METHODS, SCHEMES, onnx_op_summary, quantize_onnx,
                                   quantize_openvino)
 from calibration.compare import compare, format_table
+from calibration.quantize_split import write_split_int8, write_split_openvino
 from calibration.reader import CascadeCalibrationReader, level_feeds
 from export.weights import SharedWeights, save_graph
 from runtime.bundle import (MANIFEST, Bundle, BundleError, check_manifest, load_bundle, sha256_file, staged_output,
@@ -100,10 +101,13 @@ def load_patches(records: list[ImageRecord], spec: dict, what: str, source: str,
 
 
 def _graph_data_files(bundle: Bundle) -> set[str]:
-    """The level graphs and their external-data files."""
+    """The level graphs, the split graphs (not quantized: the int8 bundle leaves them out) and their external-data
+    files."""
     names = set()
-    for k in range(bundle.num_levels):
-        path = bundle.level_path(k)
+    paths = [bundle.level_path(k) for k in range(bundle.num_levels)]
+    if bundle.has_split:
+        paths += [bundle.embed_path(k) for k in range(bundle.num_levels)] + [bundle.body_path()]
+    for path in paths:
         names.add(path.relative_to(bundle.path).as_posix())
         for t in onnx.load(str(path), load_external_data=False).graph.initializer:
             names |= {e.value for e in t.external_data if e.key == "location"}
@@ -173,6 +177,13 @@ def quantize_bundle(bundle_path: str | Path, out: str | Path, data: str, *, spli
             shutil.copy2(fp32.path / name, tmp / name)
         manifest = copy.deepcopy(fp32.manifest)
         manifest.pop("files", None)
+        manifest.pop("split", None)
+        if fp32.has_split and weights is not None:  # ONNX Runtime / TensorRT: the shared body quantized too
+            manifest["split"] = write_split_int8(fp32, cal_patches, tmp, Path(scratch), weights, SCHEMES[backend],
+                                                 method, ops_list)
+        elif fp32.has_split:
+            manifest["split"] = write_split_openvino(fp32, cal_patches, tmp, method, ops_list if ops else None,
+                                                     progress)
         manifest.update(name=f"{manifest.get('name', 'waveclip')}-int8-{backend}", precision="int8",
                         graph_format="openvino" if backend == "openvino" else "onnx")
         for lv, name in zip(manifest["levels"], files):
@@ -189,6 +200,11 @@ def quantize_bundle(bundle_path: str | Path, out: str | Path, data: str, *, spli
         labels = [r.label for r in held] if all(r.label for r in held) else None
         report = compare(fp32, load_bundle(tmp), eval_patches, "openvino" if backend == "openvino" else "onnxruntime",
                          labels, progress)
+        if "split" in manifest:  # the split form answers too: it must agree as well
+            split = compare(fp32, load_bundle(tmp), eval_patches, "openvino" if backend == "openvino" else "onnxruntime",
+                            labels, progress, weights="split")
+            report["split"] = {k: split[k] for k in ("levels", "min_top1_agreement")}
+            report["min_top1_agreement"] = min(report["min_top1_agreement"], split["min_top1_agreement"])
         report["eval_data"] = eval_info
         if backend == "tensorrt":
             report["note"] = ("evaluated with onnxruntime CPU on the QDQ graphs; TensorRT engines are built and "

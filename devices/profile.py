@@ -75,7 +75,7 @@ def check_precision(bundle: Bundle, profile: DeviceProfile, allow: bool) -> bool
     return True
 
 
-def make_backend(bundle: Bundle, profile: DeviceProfile, threads: int | None, batch: int, weights: str = "levels",
+def make_backend(bundle: Bundle, profile: DeviceProfile, threads: int | None, batch: int, weights: str = "auto",
                  inference_precision: str | None = None):
     """The bundle's backend configured as the profile says."""
     if profile.backend == "onnxruntime":
@@ -85,7 +85,7 @@ def make_backend(bundle: Bundle, profile: DeviceProfile, threads: int | None, ba
                               weights=weights)
     if profile.backend == "openvino":
         return create_backend(bundle, "openvino", device=profile.execution_provider, threads=threads,
-                              inference_precision=inference_precision)
+                              inference_precision=inference_precision, weights=weights)
     trt = profile.tensorrt
     return create_backend(bundle, "tensorrt", precision=profile.precision, max_batch=max(batch, profile.max_batch),
                           opt_batch=trt.opt_batch if trt else 1, device_name=profile.name,
@@ -134,7 +134,7 @@ def profile_bundle(args: argparse.Namespace, log: Callable[[str], None] = lambda
     paths, images = load_real_images(data, args.images, spec, notes)
     progress = Progress(False if args.quiet else None)
 
-    backend = make_backend(bundle, profile, threads or None, batch, args.ort_weights, args.inference_precision)
+    backend = make_backend(bundle, profile, threads or None, batch, args.weights, args.inference_precision)
     gated = Cascade(bundle, backend)
     full = Cascade(bundle, backend, thresholds=ALWAYS_FULL)
 
@@ -271,8 +271,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--exit-mix", metavar="P0,P1,...",
                    help="also time the real cascade with the exits forced to this mix (percent or fractions, one per "
                         "level, e.g. 40,30,20,10): an operating point's latency without a trained gate")
-    p.add_argument("--ort-weights", choices=("levels", "shared", "merged"), default="levels",
-                   help="onnxruntime: how the level sessions hold the weights (runtime.backends.ort; default levels)")
+    p.add_argument("--weights", "--ort-weights", dest="weights", choices=("auto", "levels", "split", "shared", "merged"),
+                   default="auto", help="how the backend holds the weights (runtime.backends.ort / .openvino; auto: "
+                                        "the split graphs when the bundle has them, else one graph per level; "
+                                        "shared and merged: onnxruntime only)")
     p.add_argument("--inference-precision", choices=("f32", "bf16"),
                    help="openvino: compute precision for the bundle and the ViT baseline alike (default: f32 for "
                         "an fp32 bundle)")

@@ -74,12 +74,14 @@ def _set_shapes(proto: onnx.ModelProto, specs: list[dict]) -> None:
                 d.dim_value = value
 
 
-def _trace(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str], opset: int) -> None:
+def _trace(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str], opset: int,
+           axes: dict[str, dict[int, str]] | None = None, scalars: tuple[str, ...] = ()) -> None:
+    """Export with axis 0 ("batch") dynamic for every input and output but ``scalars``, plus ``axes``."""
+    dynamic = {n: {0: "batch"} for n in inputs + outputs if n not in scalars} | (axes or {})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # legacy-exporter deprecation and tracer notes (shapes are static by design)
         torch.onnx.export(module, args, str(path), dynamo=False, opset_version=opset, input_names=inputs,
-                          output_names=outputs, dynamic_axes={n: {0: "batch"} for n in inputs + outputs},
-                          do_constant_folding=True)
+                          output_names=outputs, dynamic_axes=dynamic, do_constant_folding=True)
 
 
 def export_level(model: WaveCLIP, level: int, opset: int = DEFAULT_OPSET, batch: int = 2) -> onnx.ModelProto:

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from export.fp16 import to_fp16
 from export.graphs import DEFAULT_OPSET, EXPORTER, KINDS, PAST, PRESENT, export_level, level_io
 from export.optimize import optimize_graph, summarize
+from export.split import export_body, export_embed, split_entry, validate_split
 from export.validate import find_images, format_table, tolerances, validate_bundle
 from export.weights import SharedWeights, save_graph
 from model.checkpoint import CheckpointError, load_checkpoint
@@ -108,9 +109,11 @@ def build_manifest(cfg: WaveCLIPConfig, level_entries: list[dict], head: dict, p
 
 def export_bundle(ckpt_path: str | Path, out: str | Path, *, opset: int = DEFAULT_OPSET, levels: str | None = None,
                   fp16: bool = False, force: bool = False, images: Sequence[str] | None = None,
-                  optimize: bool = True, atol: float | None = None, progress: bool = True) -> tuple[dict, dict]:
-    """Export and validate a bundle; returns (manifest, validation). Raises ValidationFailed (nothing written),
-    CheckpointError, BundleError, ImageError, ExportError or OSError."""
+                  optimize: bool = True, atol: float | None = None, progress: bool = True,
+                  split: bool = True) -> tuple[dict, dict]:
+    """Export and validate a bundle; returns (manifest, validation). With ``split`` (fp32 only) it also holds the
+    split graphs (export/split.py: per-level embeddings + one shared body). Raises ValidationFailed (nothing
+    written), CheckpointError, BundleError, ImageError, ExportError or OSError."""
     start = time.time()
     check_output(ckpt_path, out, force)
     model, ckpt = load_checkpoint(ckpt_path)
@@ -141,11 +144,19 @@ def export_bundle(ckpt_path: str | Path, out: str | Path, *, opset: int = DEFAUL
                             "tokens": cfg.tokens_per_level, "gflops": round(cfg.level_gflops(k), 6),
                             "cumulative_gflops": round(cfg.cumulative_gflops(k), 6),
                             "inputs": inputs, "outputs": outputs})
+        split_info = _write_split(model, chosen, opset, weights, tmp) if split and not fp16 else None
         head = {"class_names": list(ck_head["class_names"]), "labels": list(ck_head["labels"]),
                 "weight": write_array(tmp, "head_weight.bin", head_np["weight"]),
                 "bias": write_array(tmp, "head_bias.bin", head_np["bias"]),
                 "logit_scale": head_np["logit_scale"]}
-        result = validate_bundle(tmp, entries, model, head_np, patches, tolerances(precision, atol), progress)
+        tol = tolerances(precision, atol)
+        result = validate_bundle(tmp, entries, model, head_np, patches, tol, progress)
+        if split_info is not None:
+            result["split"] = validate_split(tmp, split_info, model, patches[:len(chosen)], min(tol.values()))
+            if not result["split"]["passed"]:
+                result["passed"] = False
+                result["failures"].append(f"split graphs: max abs diff per level {result['split']['max_abs_diff_per_level']}"
+                                          f" > atol {result['split']['atol']:g}")
         result["images"] = {"source": source, "count": len(found),
                             "files": [Path(f).name for f in found if not isinstance(f, np.ndarray)]}
         (tmp / VALIDATION).write_text(json.dumps(result, indent=2) + "\n")
@@ -156,11 +167,24 @@ def export_bundle(ckpt_path: str | Path, out: str | Path, *, opset: int = DEFAUL
                 "seconds": round(time.time() - start, 1),
                 "validation": {"file": VALIDATION, "passed": result["passed"], "images": len(found), "source": source}}
         manifest = build_manifest(cfg, entries, head, precision, summarize(records, OPT_THREADS), info, weights)
+        if split_info is not None:
+            manifest["split"] = split_info
         write_manifest(tmp, manifest)
         if not result["passed"]:
             raise ValidationFailed(result)
         load_bundle(tmp)  # sha256 of every file, head arrays readable
     return manifest, result
+
+
+def _write_split(model, levels: list[int], opset: int, weights: SharedWeights, folder: Path) -> dict:
+    """Write embed{k}.onnx and body.onnx (their weights deduplicated against the level graphs'); the manifest entry."""
+    entry = split_entry(len(levels))
+    for e in entry["embed"]:
+        save_graph(weights.externalize(export_embed(model, e["level"], opset)), folder / e["file"])
+    save_graph(weights.externalize(export_body(model, opset)), folder / entry["body"]["file"])
+    for name in [e["file"] for e in entry["embed"]] + [entry["body"]["file"]]:
+        onnx.checker.check_model(str(folder / name), full_check=True)
+    return entry
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -184,6 +208,9 @@ def _parser() -> argparse.ArgumentParser:
                         "imagenet-sample (first 16), else examples/images")
     p.add_argument("--no-optimize", action="store_true",
                    help="skip the optional offline graph optimisation pass (kept only where it pays anyway)")
+    p.add_argument("--no-split", action="store_true",
+                   help="leave out the split graphs (per-level embeddings + one body shared by all levels, which "
+                        "let a runtime hold the weights once; fp32 only)")
     p.add_argument("--atol", type=number(minimum=0),
                    help="max abs diff allowed against PyTorch for every output (default 1e-4 fp32; "
                         "fp16: 1e-2 embeddings, 5e-2 KV cache)")
@@ -197,7 +224,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         manifest, result = export_bundle(
             args.checkpoint, args.output, opset=args.opset, levels=args.levels, fp16=args.fp16, force=args.force,
-            images=args.images, optimize=not args.no_optimize, atol=args.atol, progress=not args.quiet)
+            images=args.images, optimize=not args.no_optimize, atol=args.atol, progress=not args.quiet,
+            split=not args.no_split)
     except ValidationFailed as e:
         print(format_table(e.result))
         print(f"error: validation failed, no bundle written: {e}", file=sys.stderr)

@@ -75,6 +75,17 @@ class Bundle:
     def level_path(self, level: int) -> Path:
         return self.path / self.manifest["levels"][level]["file"]
 
+    @property
+    def has_split(self) -> bool:
+        """Whether the bundle holds the split graphs (per-level embeddings + one shared body, export/split.py)."""
+        return self.manifest.get("split") is not None
+
+    def embed_path(self, level: int) -> Path:
+        return self.path / self.manifest["split"]["embed"][level]["file"]
+
+    def body_path(self) -> Path:
+        return self.path / self.manifest["split"]["body"]["file"]
+
     def kv_names(self, level: int) -> tuple[list[str], list[str]]:
         """(past input names, present output names) of a level graph, in layer order key, value, key, value..."""
         layers = self.manifest["kv_cache"]["num_layers"]

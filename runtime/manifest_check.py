@@ -148,7 +148,24 @@ def check_manifest(manifest: Any, where: str = "manifest.json") -> None:
         f.obj(manifest, key, required=False)
     if manifest.get("quantization") is not None:
         f.obj(manifest, "quantization")
+    _check_split(f, manifest, len(levels))
     _check_files(f, manifest)
+
+
+def _check_split(f: _Fields, manifest: dict, num_levels: int) -> None:
+    """The optional split graphs (export/split.py): one embedding graph per level and one shared body."""
+    split = f.obj(manifest, "split", required=False)
+    if split is None:
+        return
+    embed = f.array(split, "embed", "split.")
+    if len(embed) != num_levels:
+        f.fail("split.embed", f"has {len(embed)} entries, expected {num_levels} (one per level)")
+    for k, e in enumerate(embed):
+        if not isinstance(e, dict):
+            f.fail(f"split.embed[{k}]", f"expected an object, got {_show(e)}")
+        f.integer(e, "level", f"split.embed[{k}].", equal=k)
+        f.path(e, "file", f"split.embed[{k}].")
+    f.path(f.obj(split, "body", "split."), "file", "split.body.")
 
 
 def _check_model(f: _Fields, manifest: dict) -> dict:
@@ -316,6 +333,8 @@ def _check_files(f: _Fields, manifest: dict) -> None:
     extra = f.obj(manifest, "external_data", required=False)
     needed = [lv["file"] for lv in manifest["levels"]]
     needed += [manifest["head"]["weight"]["file"], manifest["head"]["bias"]["file"]]
+    if manifest.get("split") is not None:
+        needed += [e["file"] for e in manifest["split"]["embed"]] + [manifest["split"]["body"]["file"]]
     if extra is not None:
         needed.append(f.path(extra, "file", "external_data."))
         for key in ("bytes", "unique_tensors", "tensor_references"):

@@ -104,8 +104,8 @@ def test_reader_feeds_real_kv(ort_int8, tiny_bundle, tiny_csv):
     """Level k was calibrated on the real images' patches and exactly the KV the fp32 level k-1 produced for them."""
     _, seen = ort_int8
     fp32 = load_bundle(tiny_bundle)
-    assert len(seen) == fp32.num_levels
-    feeds = [{name: np.concatenate([item[name] for item in items]) for name in items[0]} for items in seen]
+    assert len(seen) == fp32.num_levels + 1  # the level graphs, then the split body
+    feeds = [{name: np.concatenate([item[name] for item in items]) for name in items[0]} for items in seen[:-1]]
     records = spread(read_image_list(tiny_csv, "train"), 24, Q.SEED)
     expected = preprocess([r.path for r in records], fp32.preprocessing)
     past: list[np.ndarray] = []
@@ -118,6 +118,29 @@ def test_reader_feeds_real_kv(ort_int8, tiny_bundle, tiny_csv):
             np.testing.assert_allclose(feeds[k][name], ref, rtol=0, atol=1e-6)
         past = sess.run(None, {"patches": expected[k], **dict(zip(names, past))})[1:]
     assert np.abs(feeds[1][fp32.kv_names(1)[0][0]]).max() > 0
+
+
+def test_split_body_calibrated_on_every_level(ort_int8, tiny_bundle):
+    """The int8 bundle's shared body is quantized on the real inputs of every level (tokens of the fp32 embedding
+    graph, the level index, the fp32 KV cache: empty at level 0), and the split form agrees with fp32 too."""
+    out, seen = ort_int8
+    fp32, int8 = load_bundle(tiny_bundle), load_bundle(out)
+    body_items = seen[-1]
+    assert sorted({int(item["level"]) for item in body_items}) == list(range(fp32.num_levels))
+    level0 = [item for item in body_items if int(item["level"]) == 0]
+    embed = ort.InferenceSession(str(fp32.embed_path(0)), providers=["CPUExecutionProvider"])
+    level_feeds = seen[0]
+    tokens = embed.run(None, {"patches": np.concatenate([f["patches"] for f in level_feeds])})[0]
+    np.testing.assert_allclose(np.concatenate([i["tokens"] for i in level0]), tokens, atol=1e-6)
+    assert all(i[fp32.kv_names(1)[0][0]].shape[2] == 0 for i in level0)
+    level1 = [item for item in body_items if int(item["level"]) == 1]
+    np.testing.assert_allclose(np.concatenate([i[fp32.kv_names(1)[0][0]] for i in level1]),
+                               np.concatenate([f[fp32.kv_names(1)[0][0]] for f in seen[1]]), atol=1e-6)
+    graph = onnx.load(str(int8.body_path()), load_external_data=False).graph
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in graph.node}
+    report = json.loads((out / "quantization_report.json").read_text())
+    assert len(report["split"]["levels"]) == fp32.num_levels
+    assert report["min_top1_agreement"] <= report["split"]["min_top1_agreement"]
 
 
 def test_reader_protocol(tiny_bundle, sample_images):
@@ -203,10 +226,14 @@ def test_openvino_bundle_classifies(tiny_bundle, tiny_csv, sample_images, tmp_pa
     q = bundle.manifest["quantization"]
     assert q["backend"] == "openvino" and "nncf" in q["versions"] and q["quantized_nodes"]["MatMul"] > 0
     assert q["eval_data"]["split"] == "train" and q["eval_data"]["disjoint_from_calibration"]
-    results = Cascade(bundle, backend="openvino").classify(sample_images[:4])
-    assert len(results) == 4 and all(r.label in bundle.labels for r in results)
+    assert bundle.has_split and bundle.manifest["split"]["body"]["file"] == "body.xml"
+    report = json.loads((out / "quantization_report.json").read_text())
+    assert len(report["split"]["levels"]) == 4  # the split form was checked against fp32 too
     fp32 = Cascade(load_bundle(tiny_bundle)).classify(sample_images[:4])
-    assert sum(a.label == b.label for a, b in zip(results, fp32)) >= 3
+    for weights in ("levels", "split"):
+        results = Cascade(bundle, backend="openvino", weights=weights).classify(sample_images[:4])
+        assert len(results) == 4 and all(r.label in bundle.labels for r in results)
+        assert sum(a.label == b.label for a, b in zip(results, fp32)) >= 3
 
 
 def test_tensorrt_bundle_is_symmetric_qdq(tiny_bundle, tiny_csv, tmp_path):

@@ -1,6 +1,6 @@
 """Reproduce the shipped demo model from scratch: splits -> distil -> export -> gate -> int8 -> expected labels.
 
-    python -m train.recipe_demo [--data ../shared/data] [--out models/waveclip-demo] [--steps 3400]
+    python -m train.recipe_demo [--data ../shared/data] [--out models/waveclip-demo] [--steps 3400,10500]
 
 Teacher: efficientnet-lite0 (real ImageNet weights from the registry package). Data: Tiny-ImageNet-200 (64x64) and
 its 202 train classes as the head. Distillation needs no labels, so it reads every image that is not held out:
@@ -25,9 +25,21 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PER_CLASS_CALIB = 20
+DEFAULT_STAGES = (3400, 10500)  # the shipped model: 3,400 steps, then resumed with a new cosine schedule to 10,500
 
 
 EXTRA_SOURCES = ("dogs-vs-cats/labels.csv", "imagenet-mini/labels.csv")  # unlabelled for distillation
+
+
+def _stages(text: str) -> tuple[int, ...]:
+    """``--steps``: one total or increasing totals, e.g. ``3400,9000``."""
+    try:
+        stages = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or N1,N2,... got {text!r}") from None
+    if not stages or stages[0] < 1 or any(b <= a for a, b in zip(stages, stages[1:])):
+        raise argparse.ArgumentTypeError(f"stages must be positive and increasing, got {text!r}")
+    return stages
 
 
 def write_splits(data: Path, dest: Path, seed: int = 0) -> dict:
@@ -109,7 +121,9 @@ def main() -> int:
     p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data", help="the shared data folder")
     p.add_argument("--out", type=Path, default=REPO / "models" / "waveclip-demo", help="where the shipped files go")
     p.add_argument("--work", type=Path, default=REPO / "out" / "demo-work", help="scratch (full checkpoint, splits)")
-    X
+    p.add_argument("--steps", type=_stages, default=DEFAULT_STAGES,
+                   help="total student steps, or stages as a comma list: each stage resumes the last one with a "
+                        f"new cosine schedule to its total (a warm restart; default {','.join(map(str, DEFAULT_STAGES))})")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--skip-train", action="store_true", help="reuse WORK/ckpt-full.pt")
     p.add_argument("--from-step", choices=["export", "quantize"], default="export", help="resume the recipe here")
@@ -117,8 +131,8 @@ def main() -> int:
     if not (args.data / "tiny-imagenet-200" / "labels.csv").is_file():
         print(f"error: {args.data}/tiny-imagenet-200/labels.csv not found (see ../shared/data/README.md)", file=sys.stderr)
         return 2
-    if args.steps < 1 or args.threads < 1:
-        print("error: --steps and --threads must be >= 1", file=sys.stderr)
+    if args.threads < 1:
+        print("error: --threads must be >= 1", file=sys.stderr)
         return 2
     log_path = args.out / "recipe.json"
     log: dict = json.loads(log_path.read_text()) if log_path.is_file() else {}
@@ -127,10 +141,12 @@ def main() -> int:
     full = args.work / "ckpt-full.pt"
     if not args.skip_train:
         data = distill_list(splits, args.work / "distill.csv")
-        step("distill", ["-m", "train.distill", "--teacher", "efficientnet-lite0", "--data", str(data),
-                         "--preset", "waveclip-demo", "--out", str(full), "--steps", str(args.steps), "--resume",
-                         "--threads", str(args.threads), "--eval-data", str(splits), "--eval-split", "calib",
-                         "--eval-limit", "1000"], log)
+        for i, total in enumerate(args.steps):
+            step("distill" if i == 0 else f"distill-stage{i + 1}",
+                 ["-m", "train.distill", "--teacher", "efficientnet-lite0", "--data", str(data),
+                  "--preset", "waveclip-demo", "--out", str(full), "--steps", str(total), "--resume",
+                  "--threads", str(args.threads), "--eval-data", str(splits), "--eval-split", "calib",
+                  "--eval-limit", "1000"], log)
     args.out.mkdir(parents=True, exist_ok=True)
     bundle, int8 = args.out / "bundle", args.out / "bundle-int8"
     if args.from_step == "export":

@@ -9,14 +9,29 @@ from runtime.bundle import Bundle
 from runtime.errors import one_line
 
 
+WEIGHTS = ("auto", "levels", "split")
+
+
 class OpenVINOBackend:
-    """One compiled model + infer request per level. The present tensors of level k are set as level k+1's inputs."""
+    """One compiled model + infer request per level (``weights="levels"``), or with ``weights="split"`` (``auto``, the
+    default, when the bundle has them) the bundle's
+    split graphs: a small compiled embedding model per level and ONE compiled body (dynamic past length) for every
+    level, so that the transformer weights are in memory once; two infer requests of the body alternate by level,
+    so a level never reads the tensors its own request is writing. The present tensors of level k are set as level
+    k+1's inputs."""
 
     name = "openvino"
 
     def __init__(self, bundle: Bundle, device: str = "CPU", threads: int | None = None,
-                 hint: str = "LATENCY", inference_precision: str | None = None) -> None:
-        self.bundle = bundle
+                 hint: str = "LATENCY", inference_precision: str | None = None, weights: str = "auto") -> None:
+        if weights not in WEIGHTS:
+            raise BackendError(f"openvino weights mode {weights!r}: choose from {', '.join(WEIGHTS)}")
+        if weights == "auto":
+            weights = "split" if bundle.has_split else "levels"
+        if weights == "split" and not bundle.has_split:
+            raise BackendError(f"{bundle.path}: openvino weights='split' needs the bundle's split graphs (export it "
+                               "again without --no-split), or use weights='levels'")
+        self.bundle, self.weights = bundle, weights
         core = ov.Core()
         config = {"PERFORMANCE_HINT": hint}
         # OpenVINO runs fp32 graphs in bf16 on CPUs that have it unless told otherwise; keep the bundle's precision.
@@ -25,11 +40,20 @@ class OpenVINOBackend:
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
         try:
-            self.compiled = [core.compile_model(str(bundle.level_path(k)), device, config)
-                             for k in range(bundle.num_levels)]
+            if weights == "split":
+                body = core.compile_model(str(bundle.body_path()), device, config)
+                self.compiled = [body]
+                pair = [body.create_infer_request() for _ in range(2)]
+                self.requests = [pair[k % 2] for k in range(bundle.num_levels)]
+                self.embeds = [core.compile_model(str(bundle.embed_path(k)), device, config).create_infer_request()
+                               for k in range(bundle.num_levels)]
+            else:
+                self.compiled = [core.compile_model(str(bundle.level_path(k)), device, config)
+                                 for k in range(bundle.num_levels)]
+                self.requests = [c.create_infer_request() for c in self.compiled]
         except Exception as e:  # openvino raises RuntimeError subclasses with long messages
             raise BackendError(f"openvino cannot compile the bundle graphs on {device}: {one_line(e)}") from None
-        self.requests = [c.create_infer_request() for c in self.compiled]
+        self._empty_past: dict[int, list] = {}
 
     def run_level(self, level: int, patches: np.ndarray, past: list | None):
         req = self.requests[level]
@@ -37,13 +61,31 @@ class OpenVINOBackend:
         if level:
             check_kv_shapes(self.bundle, level, patches.shape[0], [tuple(v.shape) for v in past])
         names, present_names = self.bundle.kv_names(level)
-        req.set_tensor("patches", ov.Tensor(np.ascontiguousarray(patches, dtype=np.float32)))
+        patches = ov.Tensor(np.ascontiguousarray(patches, dtype=np.float32))
+        if self.weights == "split":
+            embed = self.embeds[level]
+            embed.set_tensor("patches", patches)
+            embed.infer()
+            req.set_tensor("tokens", embed.get_tensor("tokens"))
+            req.set_tensor("level", ov.Tensor(np.array(level, np.int64)))
+            if not level:
+                names, past = self.bundle.kv_names(1)[0], self._empty(patches.shape[0])
+        else:
+            req.set_tensor("patches", patches)
         for name, value in zip(names, past):
             req.set_tensor(name, value if isinstance(value, ov.Tensor) else ov.Tensor(np.ascontiguousarray(value)))
         req.infer()
         emb = req.get_tensor("embedding").data.copy()
         # Own copies of the outputs' memory are not needed: the next level reads them before this request runs again.
         return emb, [req.get_tensor(n) for n in present_names]
+
+    def _empty(self, batch: int) -> list:
+        """Level 0's past for the body: zero-length KV tensors."""
+        if batch not in self._empty_past:
+            kv = self.bundle.manifest["kv_cache"]
+            shape = (batch, kv["num_heads"], 0, kv["head_dim"])
+            self._empty_past[batch] = [ov.Tensor(np.zeros(shape, np.float32)) for _ in self.bundle.kv_names(1)[0]]
+        return self._empty_past[batch]
 
     def take_rows(self, present: list, rows: np.ndarray) -> list:
         return [ov.Tensor(np.ascontiguousarray(t.data[rows])) for t in present]

@@ -17,17 +17,22 @@ def default_providers() -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
-WEIGHTS = ("levels", "shared", "merged")
+WEIGHTS = ("auto", "levels", "split", "shared", "merged")
+ONE_SESSION = ("split", "merged")  # modes whose one session serves every level (feeds ``level``, empty past at 0)
 
 
 class OnnxRuntimeBackend:
-    """The bundle's level graphs in ONNX Runtime; ``weights`` says how they hold the weights in memory:
+    """The bundle's level graphs in ONNX Runtime; ``weights`` says how they hold the weights in memory (``auto``,
+    the default: ``split`` when the bundle has its split graphs, else ``levels``):
 
     - ``levels``: one session per level graph, each with its own prepacked copy of the weights (fastest on a CPU,
       one copy of the weights per level);
     - ``shared``: one session per level, all reading one OrtValue per weight (a read-only map of the bundle's
       weights file, ``SessionOptions.add_initializer``) with prepacking off: the weights once in memory, at the
       cost of packing them on the fly in every MatMul;
+    - ``split``: the bundle's split graphs (export/split.py): a small embedding session per level and ONE body
+      session for every level (past KV of any length): the transformer weights once in memory, prepacked once, run
+      by the same kernels as the level graphs;
     - ``merged``: ONE session over all levels (runtime.merged, built in memory); each weight is one initializer,
       prepacked once; about two copies (the initializer and its packed form).
 
@@ -39,9 +44,11 @@ class OnnxRuntimeBackend:
 
     def __init__(self, bundle: Bundle, providers: list[str] | None = None, threads: int | None = None,
                  io_binding: bool = True, graph_optimization: bool = True, spinning: bool = False,
-                 weights: str = "levels") -> None:
+                 weights: str = "auto") -> None:
         if weights not in WEIGHTS:
             raise BackendError(f"onnxruntime weights mode {weights!r}: choose from {', '.join(WEIGHTS)}")
+        if weights == "auto":
+            weights = "split" if bundle.has_split else "levels"
         self.bundle = bundle
         self.providers = providers or default_providers()
         self.io_binding = io_binding
@@ -61,7 +68,16 @@ class OnnxRuntimeBackend:
             return opts
 
         try:
-            if weights == "merged":
+            self.embeds: list[ort.InferenceSession] = []
+            if weights == "split":
+                if not bundle.has_split:
+                    raise BackendError(f"{bundle.path}: onnxruntime weights='split' needs the bundle's split graphs "
+                                       "(export it again without --no-split), or use weights='levels'")
+                self.sessions = [ort.InferenceSession(str(bundle.body_path()), options(),
+                                                      providers=self.providers)] * bundle.num_levels
+                self.embeds = [ort.InferenceSession(str(bundle.embed_path(k)), options(), providers=self.providers)
+                               for k in range(bundle.num_levels)]
+            elif weights == "merged":
                 self.sessions = [self._merged_session(options())] * bundle.num_levels
             else:
                 shared = SharedInitializers(bundle) if weights == "shared" else None
@@ -100,7 +116,7 @@ class OnnxRuntimeBackend:
         """Past input names and values for ``level``; the merged graph also takes ``level`` and, at level 0,
         empty past tensors."""
         names, _ = self.bundle.kv_names(level)
-        if self.weights != "merged":
+        if self.weights not in ONE_SESSION:
             return names, list(past)
         if not level:
             if batch not in self._empty_past:
@@ -118,11 +134,15 @@ class OnnxRuntimeBackend:
             check_kv_shapes(self.bundle, level, patches.shape[0], [tuple(_shape(v)) for v in past])
         names, values = self._level_feeds(level, patches.shape[0], past)
         patches = np.ascontiguousarray(patches, dtype=np.float32)
+        first, value = ("tokens", self._tokens(level, patches)) if self.embeds else ("patches", patches)
         if not self.io_binding:
-            outs = sess.run(None, {"patches": patches, **{n: _as_numpy(v) for n, v in zip(names, values)}})
+            outs = sess.run(None, {first: _as_numpy(value), **{n: _as_numpy(v) for n, v in zip(names, values)}})
             return outs[0], outs[1:]
         binding = sess.io_binding()
-        binding.bind_cpu_input("patches", patches)
+        if isinstance(value, np.ndarray):
+            binding.bind_cpu_input(first, value)
+        else:
+            binding.bind_ortvalue_input(first, value)
         for name, value in zip(names, values):
             if name == "level":
                 binding.bind_cpu_input(name, value)
@@ -135,6 +155,17 @@ class OnnxRuntimeBackend:
         sess.run_with_iobinding(binding)
         outs = binding.get_outputs()
         return outs[0].numpy(), list(outs[1:])
+
+    def _tokens(self, level: int, patches: np.ndarray):
+        """Level ``level``'s embedding graph (split mode): its tokens, kept on the provider's device with I/O binding."""
+        embed = self.embeds[level]
+        if not self.io_binding:
+            return embed.run(None, {"patches": patches})[0]
+        binding = embed.io_binding()
+        binding.bind_cpu_input("patches", patches)
+        binding.bind_output("tokens", self.device)
+        embed.run_with_iobinding(binding)
+        return binding.get_outputs()[0]
 
     def take_rows(self, present: list, rows: np.ndarray) -> list:
         if not self.io_binding:
