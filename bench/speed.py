@@ -86,10 +86,7 @@ def setups(bundles: list[Bundle], images: np.ndarray, threads: int, ort_weights:
         else:
             target = b.manifest.get("quantization", {}).get("backend", "onnxruntime")
             qvit = str(quantized_baseline(vit, target, images[:16], log))
-            if target != "onnxruntime":
-                out.append(Setup(f"{target} {prec}", str(b.path), target, {}, qvit, prec, None))
-                continue
-            for w in ort_weights:
+            for w in ort_weights if target == "onnxruntime" else ov_weights:
                 if w != "split" or b.has_split:
                     out.append(Setup(f"{target} {prec} ({w})", str(b.path), target, {"weights": w}, qvit, prec, None))
     return out
@@ -185,10 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-rounds", type=int, default=2, help="timed rounds at --batch (default 2)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--ort-weights", default="levels,split",
-                   help="ONNX Runtime weights modes to time for fp32, of levels, split, shared, merged "
-                        "(runtime.backends.ort; default levels,split; split needs the bundle's split graphs)")
+                   help="ONNX Runtime weights modes to time, of levels, split (runtime.backends.ort; default "
+                        "levels,split; split needs the bundle's split graphs)")
     p.add_argument("--ov-weights", default="levels,split",
-                   help="OpenVINO weights modes to time for fp32, of levels, split (default levels,split)")
+                   help="OpenVINO weights modes to time, of levels, split (default levels,split)")
     p.add_argument("--vit", default="auto", metavar="auto|PATH.onnx",
                    help="the baseline: auto = open_clip ViT-B-16 exported once (devices.baseline), or an ONNX file")
     p.add_argument("--no-memory", action="store_true", help="skip the resident-memory probes")
@@ -269,13 +266,13 @@ def main(argv: list[str] | None = None) -> int:
             return 10
 
         items[f"{s.label}|mix"] = mixed
-        if s.options.get("weights", "levels") == run[0].options.get("weights") or s.backend != "onnxruntime":
-            def mixed_batch(c=cascade) -> int:
-                for i in range(0, len(batch_plan), args.batch):
-                    c.classify_levels(batch_levels, exit_levels=batch_plan[i:i + args.batch])
-                return len(batch_plan) // args.batch
 
-            batch_items[f"{s.label}|mix"] = mixed_batch
+        def mixed_batch(c=cascade) -> int:
+            for i in range(0, len(batch_plan), args.batch):
+                c.classify_levels(batch_levels, exit_levels=batch_plan[i:i + args.batch])
+            return len(batch_plan) // args.batch
+
+        batch_items[f"{s.label}|mix"] = mixed_batch
     mem: dict[str, dict] = {}
     cached = Path(args.memory_json) if args.memory_json else None
     if cached is not None and cached.is_file():

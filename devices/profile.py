@@ -271,10 +271,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--exit-mix", metavar="P0,P1,...",
                    help="also time the real cascade with the exits forced to this mix (percent or fractions, one per "
                         "level, e.g. 40,30,20,10): an operating point's latency without a trained gate")
-    p.add_argument("--weights", "--ort-weights", dest="weights", choices=("auto", "levels", "split", "shared", "merged"),
+    p.add_argument("--weights", "--ort-weights", dest="weights", choices=("auto", "levels", "split"),
                    default="auto", help="how the backend holds the weights (runtime.backends.ort / .openvino; auto: "
-                                        "the split graphs when the bundle has them, else one graph per level; "
-                                        "shared and merged: onnxruntime only)")
+                                        "the split graphs when the bundle has them, else one graph per level)")
     p.add_argument("--inference-precision", choices=("f32", "bf16"),
                    help="openvino: compute precision for the bundle and the ViT baseline alike (default: f32 for "
                         "an fp32 bundle)")

@@ -65,3 +65,11 @@ def save_graph(proto: onnx.ModelProto, path: str | os.PathLike) -> None:
     """Write a graph whose initializers are already external (no onnx.save side effects on the data file)."""
     with open(path, "wb") as f:
         f.write(proto.SerializeToString())
+
+
+def external_key(t: onnx.TensorProto) -> tuple | None:
+    """(location, offset, length, onnx dtype, dims) of an initializer stored as external data, else None."""
+    if t.data_location != onnx.TensorProto.EXTERNAL:
+        return None
+    info = {e.key: e.value for e in t.external_data}
+    return info["location"], int(info.get("offset", 0)), int(info["length"]), t.data_type, tuple(t.dims)

@@ -1,5 +1,5 @@
 """Speed capabilities (behaviour, never timings): one thread pool owns the cores, exits forced to a mix on the real
-cascade, the cost model, weights once in memory (ONNX Runtime shared / merged), bench/speed.py end to end."""
+cascade, the cost model, the weights modes (levels / split), bench/speed.py end to end."""
 import json
 import subprocess
 import sys
@@ -91,12 +91,12 @@ def test_exit_plan_follows_the_mix():
 
 @pytest.mark.parametrize("bundle_name", ["tiny", "int8"])
 def test_onnxruntime_weights_modes_agree(tiny_bundle, bundle_name):
-    """levels / shared / merged hold the weights differently and compute the same embeddings at every level."""
+    """levels / split hold the weights differently and compute the same embeddings at every level."""
     path = tiny_bundle if bundle_name == "tiny" else INT8
     bundle = load_bundle(path)
     atol = 1e-5 if bundle_name == "tiny" else 1e-3  # int8: kernels may pick other (equally valid) rounding paths
     embs = {}
-    for weights in ("levels", "shared", "merged"):
+    for weights in ("levels", "split"):
         for io_binding in (True, False):
             cascade = Cascade(bundle, create_backend(bundle, "onnxruntime", providers=["CPUExecutionProvider"],
                                                      weights=weights, io_binding=io_binding, threads=1))
@@ -111,35 +111,10 @@ def test_onnxruntime_weights_modes_agree(tiny_bundle, bundle_name):
             np.testing.assert_allclose(a, b, atol=atol, err_msg=str(key))
 
 
-def test_weights_once_shared_and_merged(tiny_bundle):
-    """shared: every level session gets the same OrtValue for the same bytes of weights.bin, prepacking off;
-    merged: one session, each weight region one initializer of the outer graph."""
-    from runtime.backends.ort import OnnxRuntimeBackend, SharedInitializers
-    from runtime.merged import LEVEL_INPUT, merge_levels
-
-    bundle = load_bundle(tiny_bundle)
-    shared = SharedInitializers(bundle)
-    per_level = [shared.for_level(k) for k in range(bundle.num_levels)]
-    # the blocks' weights are the same bytes in every level graph: one OrtValue each
-    common = set.intersection(*[{id(v) for v in lv.values()} for lv in per_level])
-    assert len(common) >= 0.8 * min(len(lv) for lv in per_level)
-    assert len(shared._values) < sum(len(lv) for lv in per_level)
-    b = OnnxRuntimeBackend(bundle, weights="shared", threads=1)
-    assert all(s.get_session_options().get_session_config_entry("session.disable_prepacking") == "1"
-               for s in b.sessions)
-    model, regions = merge_levels(bundle)
-    keys = [key for _, key in regions]
-    assert len(keys) == len(set(keys)) == len(model.graph.initializer)
-    assert [i.name for i in model.graph.input][:2] == [LEVEL_INPUT, "patches"]
-    assert [o.name for o in model.graph.output] == ["embedding", *bundle.kv_names(1)[1]]
-    m = OnnxRuntimeBackend(bundle, weights="merged", threads=1)
-    assert len({id(s) for s in m.sessions}) == 1
-
-
 def test_unknown_weights_mode_is_refused(tiny_bundle):
     from runtime.backends import BackendError
 
-    with pytest.raises(BackendError, match="choose from levels, shared, merged"):
+    with pytest.raises(BackendError, match="choose from auto, levels, split"):
         create_backend(load_bundle(tiny_bundle), "onnxruntime", weights="twice")
 
 
@@ -162,13 +137,14 @@ def test_bench_speed_prints_the_table(tiny_bundle, tmp_path):
     assert out.returncode == 0, out.stderr
     r = json.loads((tmp_path / "s.json").read_text())
     labels = [row["setup"] for row in r["rows"]]
-    assert labels[:2] == ["onnxruntime fp32 (levels)", "onnxruntime fp32 (shared)"]
-    assert "openvino f32" in labels and "| onnxruntime fp32 (levels) |" in out.stdout
+    assert labels[:4] == ["onnxruntime fp32 (levels)", "onnxruntime fp32 (split)", "openvino f32 (levels)",
+                          "openvino f32 (split)"]
+    assert "| onnxruntime fp32 (levels) |" in out.stdout
     for row in r["rows"]:
         assert row["mix"]["runs"] == 2 and len(row["exit_costs"]) == 4 and row["expected_mix_ms"] > 0
         assert row["memory"]["cascade"]["rss_mib"] > 0 and row["memory"]["ratio"] > 0
         assert row["agreement_top1"] >= 0.99 or "bf16" in row["setup"]
-    assert r["rows"][0]["throughput"]["batch"] == 2
+    assert all(row["throughput"]["batch"] == 2 for row in r["rows"])
 
 
 def test_openvino_bf16_is_an_explicit_precision_close_to_fp32(tiny_bundle):

@@ -11,7 +11,7 @@ import pytest
 from runtime.backends import BackendError
 from runtime.bundle import BundleError, load_bundle
 from runtime.cascade import Cascade
-from runtime.merged import external_key
+from export.weights import external_key
 from runtime.preprocess import list_images
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,24 +17,18 @@ def default_providers() -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
-WEIGHTS = ("auto", "levels", "split", "shared", "merged")
-ONE_SESSION = ("split", "merged")  # modes whose one session serves every level (feeds ``level``, empty past at 0)
+WEIGHTS = ("auto", "levels", "split")
 
 
 class OnnxRuntimeBackend:
     """The bundle's level graphs in ONNX Runtime; ``weights`` says how they hold the weights in memory (``auto``,
     the default: ``split`` when the bundle has its split graphs, else ``levels``):
 
-    - ``levels``: one session per level graph, each with its own prepacked copy of the weights (fastest on a CPU,
-      one copy of the weights per level);
-    - ``shared``: one session per level, all reading one OrtValue per weight (a read-only map of the bundle's
-      weights file, ``SessionOptions.add_initializer``) with prepacking off: the weights once in memory, at the
-      cost of packing them on the fly in every MatMul;
+    - ``levels``: one session per level graph, each with its own prepacked copy of the weights (one copy of the
+      weights per level);
     - ``split``: the bundle's split graphs (export/split.py): a small embedding session per level and ONE body
-      session for every level (past KV of any length): the transformer weights once in memory, prepacked once, run
-      by the same kernels as the level graphs;
-    - ``merged``: ONE session over all levels (runtime.merged, built in memory); each weight is one initializer,
-      prepacked once; about two copies (the initializer and its packed form).
+      session for every level (past KV of any length, fed ``level``; an empty past at level 0): the transformer
+      weights once in memory, prepacked once, run by the same kernels as the level graphs.
 
     With ``io_binding`` (default) the present KV outputs stay OrtValues on the provider's device and are bound as the
     next level's past inputs without a copy; without it every level round-trips the cache through numpy.
@@ -77,21 +71,9 @@ class OnnxRuntimeBackend:
                                                       providers=self.providers)] * bundle.num_levels
                 self.embeds = [ort.InferenceSession(str(bundle.embed_path(k)), options(), providers=self.providers)
                                for k in range(bundle.num_levels)]
-            elif weights == "merged":
-                self.sessions = [self._merged_session(options())] * bundle.num_levels
             else:
-                shared = SharedInitializers(bundle) if weights == "shared" else None
-                self.sessions = []
-                for k in range(bundle.num_levels):
-                    opts = options()
-                    if shared is not None:
-                        # a prepacked weight is a per-session copy (python has no shared prepacked-weights container)
-                        opts.add_session_config_entry("session.disable_prepacking", "1")
-                        for name, value in shared.for_level(k).items():
-                            opts.add_initializer(name, value)
-                    self.sessions.append(ort.InferenceSession(str(bundle.level_path(k)), opts,
-                                                              providers=self.providers))
-                self._shared = shared  # the OrtValues must outlive the sessions
+                self.sessions = [ort.InferenceSession(str(bundle.level_path(k)), options(), providers=self.providers)
+                                 for k in range(bundle.num_levels)]
         except BackendError:
             raise
         except Exception as e:  # onnxruntime raises its own exception types
@@ -99,24 +81,11 @@ class OnnxRuntimeBackend:
         self.device = _DEVICE.get(self.sessions[0].get_providers()[0], "cpu")
         self.output_names = [[o.name for o in s.get_outputs()] for s in self.sessions]
 
-    def _merged_session(self, opts: ort.SessionOptions) -> ort.InferenceSession:
-        try:
-            from runtime.merged import merge_levels, region_array
-        except ImportError as e:
-            raise BackendError(f"onnxruntime weights='merged' needs the onnx package ({e})") from None
-        model, regions = merge_levels(self.bundle)
-        maps: dict = {}
-        # the data is copied into the session (then prepacked); the maps are dropped right after
-        opts.add_external_initializers([name for name, _ in regions],
-                                       [ort.OrtValue.ortvalue_from_numpy(region_array(self.bundle.path, maps, key))
-                                        for _, key in regions])
-        return ort.InferenceSession(model.SerializeToString(), opts, providers=self.providers)
-
     def _level_feeds(self, level: int, batch: int, past: list) -> tuple[list[str], list]:
-        """Past input names and values for ``level``; the merged graph also takes ``level`` and, at level 0,
-        empty past tensors."""
+        """Past input names and values for ``level``; the split body also takes ``level`` and, at level 0, empty past
+        tensors."""
         names, _ = self.bundle.kv_names(level)
-        if self.weights not in ONE_SESSION:
+        if self.weights != "split":
             return names, list(past)
         if not level:
             if batch not in self._empty_past:
@@ -174,33 +143,6 @@ class OnnxRuntimeBackend:
 
     def to_numpy(self, present: list) -> list[np.ndarray]:
         return [_as_numpy(v) for v in present]
-
-
-class SharedInitializers:
-    """One OrtValue per weight of the bundle's external-data files (read-only memory maps), keyed by the file
-    region, so that level graphs whose initializers point at the same bytes get the same OrtValue."""
-
-    def __init__(self, bundle: Bundle) -> None:
-        self.bundle = bundle
-        self._maps: dict = {}
-        self._values: dict[tuple, ort.OrtValue] = {}
-
-    def for_level(self, level: int) -> dict[str, ort.OrtValue]:
-        try:
-            import onnx
-
-            from runtime.merged import external_key, region_array
-        except ImportError as e:
-            raise BackendError(f"onnxruntime weights='shared' needs the onnx package ({e})") from None
-        out = {}
-        for t in onnx.load(str(self.bundle.level_path(level)), load_external_data=False).graph.initializer:
-            key = external_key(t)
-            if key is None:
-                continue
-            if key not in self._values:
-                self._values[key] = ort.OrtValue.ortvalue_from_numpy(region_array(self.bundle.path, self._maps, key))
-            out[t.name] = self._values[key]
-        return out
 
 
 def _shape(value) -> tuple[int, ...]:
