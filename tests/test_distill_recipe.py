@@ -141,3 +141,24 @@ def test_b16_preset_from_a_vit_b16_teacher_runs_with_dense_targets(images, tmp_p
     prov = ckpt["provenance"]
     assert prov["init"] == "vit:open_clip:ViT-B-16" and prov["steps"] == 2 and prov["dense_weight"] == 1.0
     assert prov["final_losses"]["dense"][0] > 0 and ckpt["train_state"]["dense_head"]["proj.weight"].shape == (768, 768)
+
+
+def test_recipe_stages_and_help(tmp_path):
+    """--steps takes one total or increasing stage totals; the CLI parses (its --help runs) and refuses bad input."""
+    import argparse
+    import subprocess
+    import sys
+
+    from train.recipe_demo import DEFAULT_STAGES, _stages
+
+    assert _stages("3400") == (3400,) and _stages("3400,10500") == (3400, 10500)
+    assert list(DEFAULT_STAGES) == sorted(set(DEFAULT_STAGES))
+    for bad in ("5,3", "0", "a", "3400,3400", ""):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _stages(bad)
+    root = Path(__file__).resolve().parents[1]
+    ok = subprocess.run([sys.executable, "-m", "train.recipe_demo", "--help"], cwd=root, capture_output=True, text=True)
+    assert ok.returncode == 0 and "--steps" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "train.recipe_demo", "--data", str(tmp_path)], cwd=root,
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "labels.csv not found" in bad.stderr
