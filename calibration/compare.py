@@ -43,9 +43,9 @@ def _run(cascade: Cascade, patches: list[np.ndarray], progress: bool, desc: str)
 
 
 def compare(fp32: Bundle, int8: Bundle, patches: list[np.ndarray], int8_backend: str = "onnxruntime",
-            true_labels: Sequence[str | None] | None = None, progress: bool = True, weights: str = "levels") -> dict:
-    """Compare the int8 bundle (run by ``int8_backend``; ONNX Runtime: in its ``weights`` mode) with the fp32 bundle
-    (ONNX Runtime CPU, level graphs) on ``patches``."""
+            true_labels: Sequence[str | None] | None = None, progress: bool = True, weights: str = "auto") -> dict:
+    """Compare the int8 bundle (run by ``int8_backend`` in its ``weights`` mode; auto, as the runtime: the split
+    graphs when it has them) with the fp32 bundle (ONNX Runtime CPU, level graphs) on ``patches``."""
     ref = Cascade(fp32, "onnxruntime", providers=["CPUExecutionProvider"], weights="levels")
     q_opts = {"weights": weights} | ({"providers": ["CPUExecutionProvider"]} if int8_backend == "onnxruntime" else {})
     got = Cascade(int8, int8_backend, **q_opts)

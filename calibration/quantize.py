@@ -199,7 +199,7 @@ def quantize_bundle(bundle_path: str | Path, out: str | Path, data: str, *, spli
 
         labels = [r.label for r in held] if all(r.label for r in held) else None
         report = compare(fp32, load_bundle(tmp), eval_patches, "openvino" if backend == "openvino" else "onnxruntime",
-                         labels, progress)
+                         labels, progress, weights="levels")
         if "split" in manifest:  # the split form answers too: it must agree as well
             split = compare(fp32, load_bundle(tmp), eval_patches, "openvino" if backend == "openvino" else "onnxruntime",
                             labels, progress, weights="split")
