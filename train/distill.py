@@ -7,12 +7,13 @@ Loss = weighted mean over levels of (1 - cos(student level k, teacher)) + kl_wei
 softmax at temperature T) through a teacher head (default: all 1000 ImageNet classes) + dense_weight * the mean
 cosine distance of the level's patch tokens to the teacher's feature map at their grid cell (``train.dense``).
 Teacher outputs are cached on disk (``--teacher-views 1``: the image only, its mirror reuses them with the map's
-columns reversed; 2: the mirror is run too); student inputs come from ``runtime.preprocess`` / ``runtime.wavelet``,
+columns reversed; 2: the mirror is run too); ``--aug-views K`` adds K cached random-resized, colour-jittered views
+per image (``train.augment``), each step drawing the plain image or one of them; student inputs come from ``runtime.preprocess`` / ``runtime.wavelet``,
 the code the device runs. ``--precision auto`` trains under bf16 autocast where the CPU (AVX512-BF16/AMX) or GPU
 has native bf16, else fp32.
 Initialisation rule: a student whose width, depth and heads equal the teacher ViT's starts from its weights
 (``WaveCLIP.init_from_vit``); presets in ``REQUIRES_VIT_INIT`` (waveclip-b16) refuse any other teacher.
-Batches and flips are a pure function of (seed, step), so ``--resume`` continues exactly where ``--out`` stopped.
+Batches, views and flips are a pure function of (seed, step), so ``--resume`` continues exactly where ``--out`` stopped.
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ from runtime.wavelet import images_to_levels
 from train.evaluate import evaluate, head_rows
 from train.setup import (DistillError, choose_labels, init_student, level_weights, param_groups, set_patch_stats,
                          use_bf16)
+from train.augment import Augment
 from train.dense import DenseHead, channel_stats, mirror_grid
 from train.losses import distill_loss, lr_at
 from train.teacher_cache import default_cache_dir, teacher_embeddings, teacher_targets
@@ -76,6 +78,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="weight of the dense token-level loss to the teacher's feature map (0: off)")
     p.add_argument("--teacher-views", type=int, choices=[1, 2], default=1,
                    help="teacher passes per image: 1 (mirror reuses them) or 2 (the mirror is run too)")
+    p.add_argument("--aug-views", type=int, default=0, choices=range(0, 9), metavar="K",
+                   help="augmented views per image (random-resized crop + colour jitter), teacher-run once and cached; "
+                        "each step draws the plain image or one of them (0: the plain image only; needs "
+                        "--teacher-views 1)")
     p.add_argument("--no-patch-norm", dest="patch_norm", action="store_false",
                    help="do not standardise each level's patch values by the data's statistics")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
@@ -100,17 +106,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 0")
     if args.temperature <= 0:
         p.error("--temperature must be > 0")
+    if args.aug_views and args.teacher_views == 2:
+        p.error("--aug-views needs --teacher-views 1 (augmented views reuse the mirror)")
     return args
 
 
-def batch_at(step: int, n: int, batch_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices and mirror flags of the batch at ``step``: epoch ``step // (n // batch_size)`` is a seeded permutation."""
+def batch_at(step: int, n: int, batch_size: int, seed: int, views: int = 1
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Indices, mirror flags and view numbers (0: the plain image) of the batch at ``step``: epoch
+    ``step // (n // batch_size)`` is a seeded permutation."""
     per_epoch = max(1, n // batch_size)
     epoch, j = divmod(step, per_epoch)
     rng = np.random.default_rng([seed, epoch])
     perm, flips = rng.permutation(n), rng.random(n) < 0.5
+    view = rng.integers(0, views, n) if views > 1 else np.zeros(n, np.int64)  # drawn last: views=1 batches unchanged
     idx = perm[j * batch_size:(j + 1) * batch_size]
-    return idx, flips[idx]
+    return idx, flips[idx], view[idx]
 
 
 def _plain(args: argparse.Namespace) -> dict:
@@ -174,10 +185,21 @@ def run(args: argparse.Namespace, stop_after: int | None = None) -> dict:
     targets, tstats = teacher_targets(teacher, kept, cache_dir, flip=args.teacher_views == 2,
                                       dense_grid=cfg.grid,  # maps cached whatever the weight: one cache
                                       batch_size=args.teacher_batch_size)
-    temb = targets.emb
     if tstats["computed"]:
         print(f"teacher ({tstats['backend']}): {tstats['computed']} images x {args.teacher_views} view(s) in "
               f"{tstats['seconds']:.1f} s, {tstats['images_per_s']} images/s", flush=True)
+    dense_stats = None if targets.dense is None else channel_stats(targets.dense)  # of the plain views, as before
+    pixels, astats = None, None
+    if args.aug_views:
+        aug, astats = teacher_targets(teacher, kept, cache_dir, dense_grid=cfg.grid, batch_size=args.teacher_batch_size,
+                                      augment=Augment(args.aug_views, args.seed, spec))
+        if astats["computed"]:
+            print(f"teacher ({astats['backend']}): {astats['computed']} images x {args.aug_views} augmented view(s) "
+                  f"in {astats['seconds']:.1f} s, {astats['images_per_s']} images/s", flush=True)
+        pixels = np.concatenate([arrays[:, None], aug.pixels.numpy()], axis=1)  # [N, 1 + K, S, S, 3]
+        dense = None if targets.dense is None or aug.dense is None else torch.cat([targets.dense, aug.dense], 1)
+        targets = type(targets)(torch.cat([targets.emb, aug.emb], 1), dense)
+    temb = targets.emb
     if args.dense_weight > 0 and targets.dense is None:
         raise DistillError(f"--dense-weight {args.dense_weight}: teacher {args.teacher} has no spatial feature map "
                            "(use --dense-weight 0)")
@@ -199,7 +221,7 @@ def run(args: argparse.Namespace, stop_after: int | None = None) -> dict:
     if targets.dense is not None and args.dense_weight > 0:
         torch.manual_seed(args.seed)
         dense_head = DenseHead(cfg.width, targets.dense.shape[-1]).to(device).train()
-        dense_mean, dense_std = (t.to(device) for t in channel_stats(targets.dense))
+        dense_mean, dense_std = (t.to(device) for t in dense_stats)
     bf16 = use_bf16(args.precision, device)
     modules = [model] + ([dense_head] if dense_head is not None else [])
     opt = torch.optim.AdamW(param_groups(modules, args.weight_decay), lr=args.lr)
@@ -236,6 +258,8 @@ def run(args: argparse.Namespace, stop_after: int | None = None) -> dict:
                      "skipped": n_skipped, "digest": digest},
             "labels": {"source": args.labels or "default", "count": len(labels)},
             "teacher_cache": {k: tstats[k] for k in ("key", "computed", "seconds", "images_per_s")},
+            "aug_views": args.aug_views,
+            "aug_cache": None if astats is None else {k: astats[k] for k in ("key", "computed", "seconds", "images_per_s")},
             "steps": step, "epochs": round(step * bsz / n, 3), "batch_size": bsz, "lr": args.lr,
             "weight_decay": args.weight_decay, "warmup": warmup, "kl_weight": args.kl_weight,
             "kl_head": args.kl_head, "temperature": args.temperature, "dense_weight": args.dense_weight,
@@ -269,11 +293,11 @@ def run(args: argparse.Namespace, stop_after: int | None = None) -> dict:
     try:
         while step < total and (stop_after is None or step - start_step < stop_after):
             t0 = time.perf_counter()
-            idx, flips = batch_at(step, n, bsz, args.seed)
-            x = arrays[idx]
+            idx, flips, views = batch_at(step, n, bsz, args.seed, 1 + args.aug_views)
+            x = arrays[idx] if pixels is None else pixels[idx, views]
             x[flips] = x[flips, :, ::-1]
             patches = [torch.from_numpy(p).to(device) for p in images_to_levels(x, spec)]
-            view = torch.from_numpy(flips.astype(np.int64)) if args.teacher_views == 2 else torch.zeros(len(idx), dtype=torch.long)
+            view = torch.from_numpy(flips.astype(np.int64) if args.teacher_views == 2 else views)
             target = temb[torch.from_numpy(idx), view].float().to(device)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, total, args.lr, warmup)

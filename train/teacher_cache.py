@@ -4,7 +4,7 @@ the teacher's feature map pooled to the student's token grid; for the image and 
 Layout: ``CACHE_DIR/teacher/<key>/chunk_00000.pt`` ({"emb": [n, views, D], "dense": [n, views, grid*grid, C] or
 absent}, float16) + ``meta.json``. The key hashes the teacher spec, a fingerprint of its weights (so changed weights or
 a differently seeded random teacher miss the cache), the image list (absolute paths, sizes, labels), the views and
-the dense grid; a second run, a resume, or an interrupted teacher pass picks up what is there and computes only the
+the dense grid (and, for augmented views, ``train.augment.Augment.describe``); a second run, a resume, or an interrupted teacher pass picks up what is there and computes only the
 missing chunks. On a CPU the teacher runs in ONNX Runtime after a parity check (``train.teacher_onnx``).
 """
 from __future__ import annotations
@@ -15,8 +15,9 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import ImageOps
@@ -25,8 +26,11 @@ from tqdm import tqdm
 from model.checkpoint import atomic_torch_save
 from model.teachers import Teacher
 from runtime.data import ImageRecord, records_digest
-from runtime.preprocess import load_image
+from runtime.preprocess import image_to_array, load_image
 from train.teacher_onnx import Encoder, onnx_encoder
+
+if TYPE_CHECKING:
+    from train.augment import Augment
 
 CACHE_VERSION = 3  # 2: efficientnet-lite0 embeddings are centred; 3: chunks are dicts with dense maps
 CHUNK = 1024
@@ -57,9 +61,10 @@ def cache_key(teacher_spec: str, records: Sequence[ImageRecord], flip: bool, ext
 class TeacherTargets:
     emb: torch.Tensor  # [N, views, D] float16, raw (not normalised)
     dense: torch.Tensor | None  # [N, views, grid*grid, C] float16, row-major over the grid, or None
+    pixels: torch.Tensor | None = None  # augmented views only: the student's uint8 [N, views, S, S, 3]
 
 
-def _load_chunk(path: Path, n: int, views: int, dim: int, dense_grid: int | None) -> dict | None:
+def _load_chunk(path: Path, n: int, views: int, dim: int, dense_grid: int | None, size: int | None) -> dict | None:
     try:
         chunk = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # missing or damaged chunk: recompute it
@@ -71,6 +76,9 @@ def _load_chunk(path: Path, n: int, views: int, dim: int, dense_grid: int | None
     dense = chunk.get("dense")
     if dense_grid and dense is not None and tuple(dense.shape[:3]) != (n, views, dense_grid ** 2):
         return None
+    if size and (not isinstance(chunk.get("pixels"), torch.Tensor)
+                 or tuple(chunk["pixels"].shape) != (n, views, size, size, 3)):
+        return None
     return chunk
 
 
@@ -80,12 +88,18 @@ def pool_map(fmap: torch.Tensor, grid: int) -> torch.Tensor:
 
 
 def _encode(teacher: Teacher, encoder: Encoder, records: Sequence[ImageRecord], views: int,
-            dense_grid: int | None) -> dict:
+            dense_grid: int | None, augment: Augment | None = None) -> dict:
     images = [load_image(r.path) for r in records]
-    if views == 2:
+    if augment is not None:  # view-major, like the mirror
+        per_image = [augment(im, r.path) for im, r in zip(images, records)]
+        images = [per_image[i][v] for v in range(views) for i in range(len(records))]
+    elif views == 2:
         images += [ImageOps.mirror(im) for im in images]
     emb, fmap = encoder(teacher.preprocess(images))
     out = {"emb": emb.float().cpu().reshape(views, len(records), -1).transpose(0, 1).half()}
+    if augment is not None:
+        pixels = torch.from_numpy(np.stack([image_to_array(im, augment.spec) for im in images]))
+        out["pixels"] = pixels.reshape(views, len(records), *pixels.shape[1:]).transpose(0, 1).contiguous()
     if dense_grid and fmap is not None:
         dense = pool_map(fmap.cpu(), dense_grid)
         out["dense"] = dense.reshape(views, len(records), *dense.shape[1:]).transpose(0, 1).half()
@@ -94,11 +108,14 @@ def _encode(teacher: Teacher, encoder: Encoder, records: Sequence[ImageRecord], 
 
 def teacher_targets(teacher: Teacher, records: Sequence[ImageRecord], cache_dir: str | os.PathLike, *,
                     flip: bool = True, dense_grid: int | None = None, key_extra: str = "", batch_size: int = 64,
-                    progress: bool = True) -> tuple[TeacherTargets, dict]:
-    """Teacher targets (views: the image, then its mirror when ``flip``; dense maps pooled to ``dense_grid`` when
-    given and the teacher has a map) and stats: {"key", "images", "computed" (images run through the teacher now),
+                    progress: bool = True, augment: Augment | None = None) -> tuple[TeacherTargets, dict]:
+    """Teacher targets (views: the image, then its mirror when ``flip``; or, with ``augment``, its augmented views
+    and the student's pixels of each; dense maps pooled to ``dense_grid`` when given and the teacher has a map) and
+    stats: {"key", "images", "computed" (images run through the teacher now),
     "seconds", "images_per_s" (computed images, each with its views, per second; None when all came from the cache),
     "backend"}."""
+    if augment is not None:
+        flip, key_extra = False, f"{key_extra}|{augment.describe()}"
     extra = f"{teacher_fingerprint(teacher)}|{key_extra}|dense={dense_grid or 0}"
     key = cache_key(teacher.name, records, flip, extra)
     folder = Path(cache_dir).expanduser() / "teacher" / key
@@ -106,7 +123,8 @@ def teacher_targets(teacher: Teacher, records: Sequence[ImageRecord], cache_dir:
     meta = {"teacher": teacher.name, "extra": key_extra, "images": len(records), "flip": flip,
             "embed_dim": teacher.embed_dim, "dense_grid": dense_grid, "chunk": CHUNK, "version": CACHE_VERSION}
     (folder / "meta.json").write_text(json.dumps(meta, indent=1))
-    views, dim = 1 + flip, teacher.embed_dim
+    views, dim = (augment.views if augment is not None else 1 + flip), teacher.embed_dim
+    size = augment.spec["image_size"] if augment is not None else None
     chunks, computed, seconds = [], 0, 0.0
     encoder: Encoder | None = None
     backend = "cache"
@@ -114,7 +132,7 @@ def teacher_targets(teacher: Teacher, records: Sequence[ImageRecord], cache_dir:
     for start in range(0, len(records), CHUNK):
         part = records[start:start + CHUNK]
         path = folder / f"chunk_{start // CHUNK:05d}.pt"
-        chunk = _load_chunk(path, len(part), views, dim, dense_grid)
+        chunk = _load_chunk(path, len(part), views, dim, dense_grid, size)
         if chunk is None:
             t0 = time.perf_counter()
             if encoder is None:
@@ -122,7 +140,7 @@ def teacher_targets(teacher: Teacher, records: Sequence[ImageRecord], cache_dir:
                 encoder, backend = onnx_encoder(teacher, sample, torch.get_num_threads())
             pieces = []
             for i in range(0, len(part), batch_size):
-                pieces.append(_encode(teacher, encoder, part[i:i + batch_size], views, dense_grid))
+                pieces.append(_encode(teacher, encoder, part[i:i + batch_size], views, dense_grid, augment))
                 bar.update(len(part[i:i + batch_size]))
             chunk = {k: torch.cat([p[k] for p in pieces]) for k in pieces[0]}
             seconds += time.perf_counter() - t0
@@ -136,9 +154,10 @@ def teacher_targets(teacher: Teacher, records: Sequence[ImageRecord], cache_dir:
     dense = None
     if dense_grid and chunks and all("dense" in c for c in chunks):
         dense = torch.cat([c["dense"] for c in chunks])
+    pixels = torch.cat([c["pixels"] for c in chunks]) if size and chunks else None
     stats = {"key": key, "images": len(records), "computed": computed, "seconds": round(seconds, 3),
              "images_per_s": round(computed / seconds, 2) if computed else None, "backend": backend}
-    return TeacherTargets(emb, dense), stats
+    return TeacherTargets(emb, dense, pixels), stats
 
 
 def teacher_embeddings(teacher: Teacher, records: Sequence[ImageRecord], cache_dir: str | os.PathLike, *,

@@ -1,0 +1,109 @@
+"""Augmented distillation views: reproducible crops, cached teacher targets paired with the student's pixels, and a
+distillation run that draws them and resumes exactly."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from model.checkpoint import load_checkpoint
+from model.config import get_preset
+from model.teachers import load_teacher
+from runtime.data import ImageRecord
+from runtime.preprocess import image_to_array
+from train import distill
+from train.augment import Augment
+from train.teacher_cache import pool_map, teacher_targets
+
+TEACHER = "open_clip:ViT-Tiny-Test"
+SPEC = get_preset("waveclip-tiny").preprocessing_spec()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> list[ImageRecord]:
+    root = tmp_path_factory.mktemp("aug_imgs")
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(5):
+        path = root / f"{i}.png"
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(path)
+        records.append(ImageRecord(path))
+    return records
+
+
+def test_crop_boxes_follow_random_resized_crop():
+    aug = Augment(1, 0, SPEC)
+    rng = np.random.default_rng(0)
+    fallback = 0
+    for _ in range(500):
+        width = int(rng.integers(32, 300))
+        height = int(width * rng.uniform(0.6, 1.7))  # photo shapes
+        top, left, h, w = aug.crop_box(width, height, rng)
+        assert 0 <= top and top + h <= height and 0 <= left and left + w <= width and h > 0 and w > 0
+        side = min(width, height)
+        if (top, left, h, w) == ((height - side) // 2, (width - side) // 2, side, side):  # ten misses: the centre
+            fallback += 1
+            continue
+        area = h * w / (width * height)
+        assert aug.scale[0] * 0.8 <= area <= aug.scale[1] * 1.05  # rounding of small crops
+        assert math.log(aug.ratio[0]) - 0.35 <= math.log(w / h) <= math.log(aug.ratio[1]) + 0.35
+    assert fallback < 10
+
+
+def test_views_are_reproducible_and_distinct(images):
+    aug = Augment(3, 0, SPEC)
+    im = Image.open(images[0].path).convert("RGB")
+    first, again = aug(im, images[0].path), aug(im, images[0].path)
+    arrays = [np.asarray(v) for v in first]
+    assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(arrays, again))
+    assert not np.array_equal(image_to_array(first[0], SPEC), image_to_array(first[1], SPEC))
+    other_seed = np.asarray(Augment(3, 1, SPEC)(im, images[0].path)[0])
+    assert other_seed.shape != arrays[0].shape or not np.array_equal(other_seed, arrays[0])
+    assert Augment(3, 0, SPEC).describe() != Augment(3, 1, SPEC).describe() != Augment(2, 1, SPEC).describe()
+
+
+def test_cached_views_pair_teacher_targets_with_the_students_pixels(images, tmp_path):
+    teacher = load_teacher(TEACHER)
+    aug = Augment(2, 0, SPEC)
+    targets, stats = teacher_targets(teacher, images, tmp_path, dense_grid=2, batch_size=3, progress=False,
+                                     augment=aug)
+    size = SPEC["image_size"]
+    assert targets.emb.shape == (5, 2, teacher.embed_dim) and targets.pixels.shape == (5, 2, size, size, 3)
+    assert targets.pixels.dtype == torch.uint8 and stats["computed"] == 5
+    view = aug.view(Image.open(images[3].path).convert("RGB"), images[3].path, 1)
+    assert np.array_equal(targets.pixels[3, 1].numpy(), image_to_array(view, SPEC))
+    emb, fmap = teacher.encode_with_map(teacher.preprocess([view]))
+    assert torch.allclose(targets.emb[3, 1].float(), emb[0], atol=1e-2)
+    assert torch.allclose(targets.dense[3, 1].float(), pool_map(fmap, 2)[0], atol=1e-2)
+    again, stats2 = teacher_targets(teacher, images, tmp_path, dense_grid=2, progress=False, augment=aug)
+    assert stats2["computed"] == 0 and torch.equal(again.pixels, targets.pixels)
+    _, plain = teacher_targets(teacher, images, tmp_path, dense_grid=2, flip=False, progress=False)
+    _, reseeded = teacher_targets(teacher, images, tmp_path, dense_grid=2, progress=False, augment=Augment(2, 1, SPEC))
+    assert len({stats["key"], plain["key"], reseeded["key"]}) == 3 and reseeded["computed"] == 5
+
+
+def test_batches_draw_views_without_changing_plain_batches():
+    idx, flips, views = distill.batch_at(7, 100, 16, 3)
+    idx3, flips3, views3 = distill.batch_at(7, 100, 16, 3, views=3)
+    assert np.array_equal(idx, idx3) and np.array_equal(flips, flips3) and not views.any()
+    allv = np.concatenate([distill.batch_at(s, 100, 16, 3, views=3)[2] for s in range(12)])
+    assert set(allv.tolist()) == {0, 1, 2}
+
+
+def test_distill_with_augmented_views_runs_and_resumes_exactly(images, tmp_path):
+    folder = images[0].path.parent
+    (tmp_path / "labels.txt").write_text("n01440764\nn01443537\n")  # a zero-shot head of 2 classes: cheap
+    args = ["--teacher", TEACHER, "--data", str(folder), "--preset", "waveclip-tiny", "--batch-size", "4",
+            "--threads", "1", "--cache-dir", str(tmp_path / "cache"), "--aug-views", "2", "--labels",
+            str(tmp_path / "labels.txt")]
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    assert distill.main([*args, "--out", str(a), "--steps", "4"]) == 0
+    distill.run(distill.parse_args([*args, "--out", str(b), "--steps", "4"]), stop_after=2)
+    assert distill.main([*args, "--out", str(b), "--steps", "4", "--resume"]) == 0
+    (_, ca), (_, cb) = load_checkpoint(a), load_checkpoint(b)
+    assert ca["provenance"]["aug_views"] == 2 and ca["provenance"]["aug_cache"]["computed"] == 5
+    assert cb["provenance"]["aug_cache"]["computed"] == 0  # the resumed run read the cache
+    assert all(torch.equal(ca["state_dict"][k], cb["state_dict"][k]) for k in ca["state_dict"])
+    with pytest.raises(SystemExit):
+        distill.parse_args([*args, "--out", str(a), "--teacher-views", "2"])
