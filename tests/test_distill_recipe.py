@@ -155,9 +155,10 @@ def test_recipe_stages_and_help(tmp_path):
 
     from train.recipe_demo import DEFAULT_STAGES, _stages
 
-    assert _stages("3400") == (3400,) and _stages("3400,10500") == (3400, 10500)
-    assert list(DEFAULT_STAGES) == sorted(set(DEFAULT_STAGES))
-    for bad in ("5,3", "0", "a", "3400,3400", ""):
+    assert _stages("3400") == ((3400, 0),) and _stages("3400,10500:aug2") == ((3400, 0), (10500, 2))
+    totals = [t for t, _ in DEFAULT_STAGES]
+    assert totals == sorted(set(totals))
+    for bad in ("5,3", "0", "a", "3400,3400", "", "10:aug", "10:aug9", "10:x2", "10:aug2:aug3"):
         with pytest.raises(argparse.ArgumentTypeError):
             _stages(bad)
     root = Path(__file__).resolve().parents[1]

@@ -1,13 +1,13 @@
 """Reproduce the shipped demo model from scratch: splits -> distil -> export -> gate -> int8 -> expected labels.
 
-    python -m train.recipe_demo [--data ../shared/data] [--out models/waveclip-demo] [--steps 3400,10500]
+    python -m train.recipe_demo [--data ../shared/data] [--out models/waveclip-demo] [--steps 3400,10500,17000:aug2]
 
 Teacher: efficientnet-lite0 (real ImageNet weights from the registry package). Data: Tiny-ImageNet-200 (64x64) and
 its 202 train classes as the head. Distillation needs no labels, so it reads every image that is not held out:
 Tiny-ImageNet train less 20 images/class ("calib", held apart for the gate and int8 ranges), Tiny-ImageNet test,
 dogs-vs-cats and imagenet-mini (51,992 images). The labelled val split (10,000) is never used for training or
 calibration. The recipe is `train.distill`'s defaults (dense + 1000-class KL + pooled cosine, bf16 autocast where the
-CPU has it). Every stage is resumable: rerun the same command after an interruption and distillation continues
+CPU has it), in stages; the last adds two cached augmented views per image (``--aug-views 2``). Every stage is resumable: rerun the same command after an interruption and distillation continues
 from its last checkpoint (``--save-every``); the time of each stage is written to OUT/recipe.json.
 """
 from __future__ import annotations
@@ -25,21 +25,36 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PER_CLASS_CALIB = 20
-DEFAULT_STAGES = (3400, 10500)  # the shipped model: 3,400 steps, then resumed with a new cosine schedule to 10,500
+# The shipped model: 3,400 steps; resumed with a new cosine schedule to 10,500; resumed again to 17,000 with two
+# cached augmented views per image (``train.distill --aug-views 2``), as (total steps, augmented views).
+DEFAULT_STAGES = ((3400, 0), (10500, 0), (17000, 2))
 
 
 EXTRA_SOURCES = ("dogs-vs-cats/labels.csv", "imagenet-mini/labels.csv")  # unlabelled for distillation
 
 
-def _stages(text: str) -> tuple[int, ...]:
-    """``--steps``: one total or increasing totals, e.g. ``3400,9000``."""
+def _stage(text: str) -> tuple[int, int]:
+    total, _, aug = text.partition(":aug")
+    if ":" in total or (_ and not aug):
+        raise ValueError(text)
+    return int(total), int(aug or 0)
+
+
+def _stages(text: str) -> tuple[tuple[int, int], ...]:
+    """``--steps``: one total or increasing totals, each optionally with augmented views, e.g. ``3400,9000:aug2``
+    -> ((3400, 0), (9000, 2))."""
     try:
-        stages = tuple(int(x) for x in text.split(","))
+        stages = tuple(_stage(x) for x in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected N or N1,N2,... got {text!r}") from None
-    if not stages or stages[0] < 1 or any(b <= a for a, b in zip(stages, stages[1:])):
-        raise argparse.ArgumentTypeError(f"stages must be positive and increasing, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected N or N1,N2[:augK],... got {text!r}") from None
+    totals = [t for t, _ in stages]
+    if totals[0] < 1 or any(b <= a for a, b in zip(totals, totals[1:])) or any(not 0 <= k <= 8 for _, k in stages):
+        raise argparse.ArgumentTypeError(f"stages must be positive and increasing (augK: K in 0..8), got {text!r}")
     return stages
+
+
+def _show(stages: tuple[tuple[int, int], ...]) -> str:
+    return ",".join(f"{t}:aug{k}" if k else str(t) for t, k in stages)
 
 
 def write_splits(data: Path, dest: Path, seed: int = 0) -> dict:
@@ -125,7 +140,8 @@ def main() -> int:
     p.add_argument("--work", type=Path, default=REPO / "out" / "demo-work", help="scratch (full checkpoint, splits)")
     p.add_argument("--steps", type=_stages, default=DEFAULT_STAGES,
                    help="total student steps, or stages as a comma list: each stage resumes the last one with a "
-                        f"new cosine schedule to its total (a warm restart; default {','.join(map(str, DEFAULT_STAGES))})")
+                        "new cosine schedule to its total (a warm restart); N:augK trains that stage with K cached "
+                        f"augmented views per image (default {_show(DEFAULT_STAGES)})")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--skip-train", action="store_true", help="reuse WORK/ckpt-full.pt")
     p.add_argument("--from-step", choices=["export", "quantize"], default="export", help="resume the recipe here")
@@ -143,12 +159,12 @@ def main() -> int:
     full = args.work / "ckpt-full.pt"
     if not args.skip_train:
         data = distill_list(splits, args.work / "distill.csv")
-        for i, total in enumerate(args.steps):
+        for i, (total, aug) in enumerate(args.steps):
             step("distill" if i == 0 else f"distill-stage{i + 1}",
                  ["-m", "train.distill", "--teacher", "efficientnet-lite0", "--data", str(data),
                   "--preset", "waveclip-demo", "--out", str(full), "--steps", str(total), "--resume",
                   "--threads", str(args.threads), "--eval-data", str(splits), "--eval-split", "calib",
-                  "--eval-limit", "1000"], log, log_path)
+                  "--eval-limit", "1000", *(["--aug-views", str(aug)] if aug else [])], log, log_path)
     args.out.mkdir(parents=True, exist_ok=True)
     bundle, int8 = args.out / "bundle", args.out / "bundle-int8"
     if args.from_step == "export":
