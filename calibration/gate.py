@@ -31,6 +31,9 @@ from runtime.timing import exit_cost_times
 from runtime.wavelet import images_to_levels
 
 
+DEFAULT_CONFIDENCE = 2.0  # standard errors spared by --max-drop (chosen on calib splits, bench/gate_methods.py)
+
+
 def head_columns(cascade: Cascade) -> dict[str, int]:
     """Label id or class name -> column of the cascade's head."""
     b, col = cascade.bundle, {int(r): j for j, r in enumerate(cascade.class_index)}
@@ -147,6 +150,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                                 "(default 0.01)")
     t.add_argument("--budget-gflops", type=number(above=0), help="best score with expected GFLOPs per image <= X")
     t.add_argument("--budget-ms", type=number(above=0), help="best score with expected latency per image <= X (needs --device)")
+    p.add_argument("--confidence", type=number(0), default=DEFAULT_CONFIDENCE,
+                   help="with --max-drop: the drop must hold on the fit images with Z paired standard errors to "
+                        "spare, so that the cheapest of many threshold combinations still holds on new images "
+                        f"(default {DEFAULT_CONFIDENCE:g}; 0: the plain bound; see bench/gate_methods.py)")
     p.add_argument("--device", help="device profile (devices/profiles) whose latencies to use")
     p.add_argument("--latency-json", help="per-level latencies from `python -m devices.profile ... --json`; without "
                                           "it they are measured here with onnxruntime and the profile's threads")
@@ -224,7 +231,7 @@ def run(args: argparse.Namespace) -> int:
                           "cascade with the exit forced there), mean of 30")
     if level_ms is not None:
         stats.cum_ms = np.asarray(level_ms, dtype=np.float64)
-    target = Target(kind, value, reference)
+    target = Target(kind, value, reference, args.confidence if kind == "max_drop" else 0.0)
 
     fit_idx, hold_idx = split_indices(stats.target if stats.target is not None else stats.pred[-1],
                                       args.holdout, args.seed)
@@ -247,7 +254,8 @@ def run(args: argparse.Namespace) -> int:
         print("dry run: manifest unchanged")
         return 0
     calibration = {
-        "target": {"kind": kind, "value": value, "reference": reference, "description": target.describe()},
+        "target": {"kind": kind, "value": value, "reference": reference, "confidence": target.confidence,
+                   "description": target.describe()},
         "data": {"source": portable_source(args.data, bundle.path.parent), "split": args.split, "limit": args.limit, "images": stats.n,
                  "unreadable": stats.skipped, "labels_not_in_head": stats.dropped},
         "split": {"holdout_fraction": args.holdout, "seed": args.seed, "fit": fit.n, "holdout": hold.n,

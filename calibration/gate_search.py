@@ -57,16 +57,20 @@ class LevelStats:
 @dataclass(frozen=True)
 class Target:
     """What to choose: ``max_drop`` (least cost with score >= full score - value), ``gflops`` or ``ms`` (best score
-    with expected cost <= value). ``reference``: score = accuracy vs ``labels`` or agreement with the ``full`` model."""
+    with expected cost <= value). ``reference``: score = accuracy vs ``labels`` or agreement with the ``full`` model.
+    ``confidence`` (max_drop only): the drop must hold with that many paired standard errors to spare on the fit
+    images, so that thresholds picked out of many combinations still hold on new images."""
 
     kind: str
     value: float
     reference: str = "labels"
+    confidence: float = 0.0
 
     def describe(self) -> str:
         score = "accuracy" if self.reference == "labels" else "agreement with full"
         if self.kind == "max_drop":
-            return f"{score} drop <= {self.value:g} vs always-full, least expected cost"
+            margin = f" with {self.confidence:g} standard errors to spare" if self.confidence else ""
+            return f"{score} drop <= {self.value:g} vs always-full{margin}, least expected cost"
         unit = "GFLOPs" if self.kind == "gflops" else "ms"
         return f"best {score} with expected {unit} <= {self.value:g}"
 
@@ -81,6 +85,13 @@ class Grid:
     accuracy: np.ndarray | None  # [M]
     agreement: np.ndarray  # [M]
     exits: np.ndarray  # [M, L] fraction of images exiting at each level
+    changed: np.ndarray | None = None  # [M] fraction whose correctness differs from the full model's (labels)
+
+    def drop_se(self, reference: str, n: int) -> np.ndarray:
+        """Paired standard error of (score - full score) over ``n`` images: per image d in {-1, 0, 1}."""
+        diff = self.score(reference) - self.score(reference)[-1]
+        second = self.changed if reference == "labels" else 1 - self.agreement  # E[d^2]
+        return np.sqrt(np.maximum(second - diff ** 2, 0) / max(n, 1))
 
     def score(self, reference: str) -> np.ndarray:
         return self.accuracy if reference == "labels" else self.agreement
@@ -122,27 +133,28 @@ def evaluate_grid(stats: LevelStats, candidates: list[np.ndarray], chunk: int = 
         raise GateError("need at least two levels and one image to calibrate a gate")
     shape = tuple(len(c) for c in candidates)
     correct = stats.correct if stats.target is not None else np.zeros_like(stats.pred, bool)
-    w = np.stack([np.ones_like(stats.agree), correct, stats.agree], 1).astype(np.float32)  # [L, 3, N]
-    counts = np.zeros((L, 3) + shape)
+    changed = correct != correct[-1:]
+    w = np.stack([np.ones_like(stats.agree), correct, stats.agree, changed], 1).astype(np.float32)  # [L, 4, N]
+    counts = np.zeros((L, 4) + shape)
     for s in range(0, n, chunk):
         sl = slice(s, s + chunk)
         P = np.ones((1, len(stats.margin[0, sl])), np.float32)
         for k, cand in enumerate(candidates):
             A = (stats.margin[k, sl][None] >= cand[:, None]).astype(np.float32)  # [Q, n]
-            here = P @ (A[None] * w[k, :, None, sl]).reshape(-1, A.shape[1]).T  # [lead, 3 * Q]
-            counts[k] += np.moveaxis(here.reshape(shape[:k] + (3, len(cand))), k, 0).reshape(
-                (3,) + shape[:k + 1] + (1,) * (L - 2 - k))
+            here = P @ (A[None] * w[k, :, None, sl]).reshape(-1, A.shape[1]).T  # [lead, 4 * Q]
+            counts[k] += np.moveaxis(here.reshape(shape[:k] + (4, len(cand))), k, 0).reshape(
+                (4,) + shape[:k + 1] + (1,) * (L - 2 - k))
             if k == L - 2:
                 last = P @ ((1 - A)[None] * w[L - 1, :, None, sl]).reshape(-1, A.shape[1]).T
-                counts[L - 1] += np.moveaxis(last.reshape(shape[:k] + (3, len(cand))), k, 0)
+                counts[L - 1] += np.moveaxis(last.reshape(shape[:k] + (4, len(cand))), k, 0)
             else:
                 P = (P[:, None, :] * (1 - A)[None]).reshape(-1, P.shape[1])
-    frac = counts.reshape(L, 3, -1) / n  # [L, 3, M]
+    frac = counts.reshape(L, 4, -1) / n  # [L, 4, M]
     grids = np.meshgrid(*candidates, indexing="ij")
     return Grid(thresholds=np.stack([g.ravel() for g in grids], 1), gflops=stats.cum_gflops @ frac[:, 0],
                 ms=None if stats.cum_ms is None else stats.cum_ms @ frac[:, 0],
                 accuracy=None if stats.target is None else frac[:, 1].sum(0), agreement=frac[:, 2].sum(0),
-                exits=frac[:, 0].T)
+                exits=frac[:, 0].T, changed=None if stats.target is None else frac[:, 3].sum(0))
 
 
 def exit_levels(margin: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
@@ -161,7 +173,8 @@ def simulate_many(stats: LevelStats, thresholds: np.ndarray) -> Grid:
                 ms=None if stats.cum_ms is None else stats.cum_ms[ex].mean(1),
                 accuracy=None if stats.target is None else stats.correct[ex, cols].mean(1),
                 agreement=stats.agree[ex, cols].mean(1),
-                exits=np.stack([(ex == k).mean(1) for k in range(stats.levels)], 1))
+                exits=np.stack([(ex == k).mean(1) for k in range(stats.levels)], 1),
+                changed=None if stats.target is None else (stats.correct[ex, cols] != stats.correct[-1][None]).mean(1))
 
 
 def simulate(stats: LevelStats, thresholds: list[float] | np.ndarray) -> dict | None:
@@ -203,14 +216,21 @@ def choose_thresholds(stats: LevelStats, target: Target, max_combos: int = 1 << 
                             "no thresholds can meet it")
     candidates = candidate_thresholds(stats, max_combos)
     grid = evaluate_grid(stats, candidates)
+    best = pick(grid, target, stats.n)
+    return Choice([float(t) for t in grid.thresholds[best]], target, grid, best, candidates)
+
+
+def pick(grid: Grid, target: Target, n: int) -> int:
+    """The index of the grid point ``target`` chooses among the metrics of ``n`` images (see ``choose_thresholds``)."""
     score = grid.score(target.reference)
     primary = grid.ms if grid.ms is not None else grid.gflops
     safe = -grid.thresholds.sum(1)
     if target.kind == "max_drop":
-        ok = np.flatnonzero(score >= score[-1] - target.value - TOL)  # the last point is all-NEVER: the full model
+        spare = target.confidence * grid.drop_se(target.reference, n) if target.confidence else 0.0
+        ok = np.flatnonzero(score - spare >= score[-1] - target.value - TOL)  # the last point is all-NEVER: full
         best = ok[np.lexsort((safe[ok], -score[ok], primary[ok]))[0]]
     else:
         budget = grid.cost(target.kind)
         ok = np.flatnonzero(budget <= target.value * (1 + TOL) + 1e-12)
         best = ok[np.lexsort((safe[ok], primary[ok], -score[ok]))[0]]
-    return Choice([float(t) for t in grid.thresholds[best]], target, grid, int(best), candidates)
+    return int(best)

@@ -60,8 +60,23 @@ def test_grid_matches_direct_simulation(source, stats):
     grid = evaluate_grid(s, candidate_thresholds(s, 4096))
     idx = np.random.default_rng(1).choice(len(grid.gflops), 200, replace=False)
     direct = simulate_many(s, grid.thresholds[idx])
-    for name in ("gflops", "accuracy", "agreement", "exits"):
+    for name in ("gflops", "accuracy", "agreement", "exits", "changed"):
         np.testing.assert_allclose(getattr(grid, name)[idx], getattr(direct, name), atol=1e-9, err_msg=name)
+
+
+def test_confidence_spares_standard_errors_of_the_drop():
+    s = synthetic(n=2000)
+    plain = choose_thresholds(s, Target("max_drop", 0.02))
+    safe = choose_thresholds(s, Target("max_drop", 0.02, confidence=2.0))
+    grid = safe.grid
+    # the standard error is that of the per-image differences d = correct(gated) - correct(full)
+    ex = exit_levels(s.margin, grid.thresholds[[safe.index]])[0]
+    d = s.correct[ex, np.arange(s.n)].astype(float) - s.correct[-1]
+    assert grid.drop_se("labels", s.n)[safe.index] == pytest.approx(d.std() / np.sqrt(s.n), rel=1e-6)
+    assert d.mean() - 2.0 * d.std() / np.sqrt(s.n) >= -0.02 - 1e-9
+    cost = lambda c: simulate(s, c.thresholds)["expected_gflops"]  # noqa: E731
+    assert cost(safe) > cost(plain) and -d.mean() < 0.02
+    assert "2 standard errors" in safe.target.describe()
 
 
 def test_max_drop_zero_reproduces_full_exactly_synthetic():
