@@ -78,3 +78,21 @@ def absolute_paths(obj) -> list[str]:
                                  or PureWindowsPath(obj).drive):
         return [obj]
     return []
+
+
+@pytest.fixture(scope="module")
+def noise_images(tmp_path_factory) -> list:
+    """Six random-noise 48x40 PNGs as ImageRecords (for teacher-cache and augmentation tests)."""
+    import numpy as np
+    from PIL import Image
+
+    from runtime.data import ImageRecord
+
+    root = tmp_path_factory.mktemp("noise_imgs")
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(6):
+        path = root / f"{i}.png"
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(path)
+        records.append(ImageRecord(path))
+    return records

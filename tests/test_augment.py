@@ -10,7 +10,6 @@ from PIL import Image
 from model.checkpoint import load_checkpoint
 from model.config import get_preset
 from model.teachers import load_teacher
-from runtime.data import ImageRecord
 from runtime.preprocess import image_to_array
 from train import distill
 from train.augment import Augment
@@ -21,15 +20,8 @@ SPEC = get_preset("waveclip-tiny").preprocessing_spec()
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory) -> list[ImageRecord]:
-    root = tmp_path_factory.mktemp("aug_imgs")
-    rng = np.random.default_rng(0)
-    records = []
-    for i in range(5):
-        path = root / f"{i}.png"
-        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(path)
-        records.append(ImageRecord(path))
-    return records
+def images(noise_images):
+    return noise_images
 
 
 def test_crop_boxes_follow_random_resized_crop():
@@ -69,8 +61,8 @@ def test_cached_views_pair_teacher_targets_with_the_students_pixels(images, tmp_
     targets, stats = teacher_targets(teacher, images, tmp_path, dense_grid=2, batch_size=3, progress=False,
                                      augment=aug)
     size = SPEC["image_size"]
-    assert targets.emb.shape == (5, 2, teacher.embed_dim) and targets.pixels.shape == (5, 2, size, size, 3)
-    assert targets.pixels.dtype == torch.uint8 and stats["computed"] == 5
+    assert targets.emb.shape == (6, 2, teacher.embed_dim) and targets.pixels.shape == (6, 2, size, size, 3)
+    assert targets.pixels.dtype == torch.uint8 and stats["computed"] == 6
     view = aug.view(Image.open(images[3].path).convert("RGB"), images[3].path, 1)
     assert np.array_equal(targets.pixels[3, 1].numpy(), image_to_array(view, SPEC))
     emb, fmap = teacher.encode_with_map(teacher.preprocess([view]))
@@ -80,7 +72,7 @@ def test_cached_views_pair_teacher_targets_with_the_students_pixels(images, tmp_
     assert stats2["computed"] == 0 and torch.equal(again.pixels, targets.pixels)
     _, plain = teacher_targets(teacher, images, tmp_path, dense_grid=2, flip=False, progress=False)
     _, reseeded = teacher_targets(teacher, images, tmp_path, dense_grid=2, progress=False, augment=Augment(2, 1, SPEC))
-    assert len({stats["key"], plain["key"], reseeded["key"]}) == 3 and reseeded["computed"] == 5
+    assert len({stats["key"], plain["key"], reseeded["key"]}) == 3 and reseeded["computed"] == 6
 
 
 def test_batches_draw_views_without_changing_plain_batches():
@@ -102,7 +94,7 @@ def test_distill_with_augmented_views_runs_and_resumes_exactly(images, tmp_path)
     distill.run(distill.parse_args([*args, "--out", str(b), "--steps", "4"]), stop_after=2)
     assert distill.main([*args, "--out", str(b), "--steps", "4", "--resume"]) == 0
     (_, ca), (_, cb) = load_checkpoint(a), load_checkpoint(b)
-    assert ca["provenance"]["aug_views"] == 2 and ca["provenance"]["aug_cache"]["computed"] == 5
+    assert ca["provenance"]["aug_views"] == 2 and ca["provenance"]["aug_cache"]["computed"] == 6
     assert cb["provenance"]["aug_cache"]["computed"] == 0  # the resumed run read the cache
     assert all(torch.equal(ca["state_dict"][k], cb["state_dict"][k]) for k in ca["state_dict"])
     with pytest.raises(SystemExit):

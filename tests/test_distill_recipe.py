@@ -10,7 +10,6 @@ from PIL import Image
 from model.config import get_preset
 from model.teachers import load_teacher
 from model.waveclip import WaveCLIP
-from runtime.data import ImageRecord
 from train.dense import DenseHead, channel_stats, dense_loss, mirror_grid
 from train.losses import distill_loss
 from train.setup import use_bf16
@@ -69,15 +68,8 @@ def test_use_bf16():
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory) -> list[ImageRecord]:
-    root = tmp_path_factory.mktemp("imgs")
-    rng = np.random.default_rng(0)
-    records = []
-    for i in range(6):
-        path = root / f"{i}.png"
-        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(path)
-        records.append(ImageRecord(path))
-    return records
+def images(noise_images):
+    return noise_images
 
 
 def test_onnx_teacher_matches_torch():
