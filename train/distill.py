@@ -7,9 +7,9 @@ Loss = weighted mean over levels of (1 - cos(student level k, teacher)) + kl_wei
 softmax at temperature T) through a teacher head (default: all 1000 ImageNet classes) + dense_weight * the mean
 cosine distance of the level's patch tokens to the teacher's feature map at their grid cell (``train.dense``).
 Teacher outputs are cached on disk (``--teacher-views 1``: the image only, its mirror reuses them with the map's
-columns reversed; 2: the mirror is run too); ``--aug-views K`` adds K cached random-resized, colour-jittered views
-per image (``train.augment``), each step drawing the plain image or one of them; student inputs come from ``runtime.preprocess`` / ``runtime.wavelet``,
-the code the device runs. ``--precision auto`` trains under bf16 autocast where the CPU (AVX512-BF16/AMX) or GPU
+columns reversed; 2: the mirror is run too); ``--aug-views K`` adds K cached random-resized, colour-jittered
+views per image (``train.augment``), each step drawing the plain image or one of them; student inputs come from
+``runtime.preprocess`` / ``runtime.wavelet``, the code the device runs. ``--precision auto`` trains under bf16 autocast where the CPU (AVX512-BF16/AMX) or GPU
 has native bf16, else fp32.
 Initialisation rule: a student whose width, depth and heads equal the teacher ViT's starts from its weights
 (``WaveCLIP.init_from_vit``); presets in ``REQUIRES_VIT_INIT`` (waveclip-b16) refuse any other teacher.

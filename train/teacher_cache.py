@@ -4,8 +4,8 @@ the teacher's feature map pooled to the student's token grid; for the image and 
 Layout: ``CACHE_DIR/teacher/<key>/chunk_00000.pt`` ({"emb": [n, views, D], "dense": [n, views, grid*grid, C] or
 absent}, float16) + ``meta.json``. The key hashes the teacher spec, a fingerprint of its weights (so changed weights or
 a differently seeded random teacher miss the cache), the image list (absolute paths, sizes, labels), the views and
-the dense grid (and, for augmented views, ``train.augment.Augment.describe``); a second run, a resume, or an interrupted teacher pass picks up what is there and computes only the
-missing chunks. On a CPU the teacher runs in ONNX Runtime after a parity check (``train.teacher_onnx``).
+the dense grid (and, for augmented views, ``train.augment.Augment.describe``); a second run, a resume, or an
+interrupted teacher pass picks up what is there and computes only the missing chunks. On a CPU the teacher runs in ONNX Runtime after a parity check (``train.teacher_onnx``).
 """
 from __future__ import annotations
 
