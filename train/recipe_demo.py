@@ -8,7 +8,8 @@ Tiny-ImageNet train less 20 images/class ("calib", held apart for the gate and i
 dogs-vs-cats and imagenet-mini (51,992 images). The labelled val split (10,000) is never used for training or
 calibration. The recipe is `train.distill`'s defaults (dense + 1000-class KL + pooled cosine, bf16 autocast where the
 CPU has it), in stages; the last adds two cached augmented views per image (``--aug-views 2``). Every stage is
-resumable: rerun the same command after an interruption and distillation continues from its last checkpoint (``--save-every``); the time of each stage is written to OUT/recipe.json.
+resumable: rerun the same command after an interruption and distillation continues from its last checkpoint
+(``--save-every``); the time of each stage is written to OUT/recipe.json.
 """
 from __future__ import annotations
 
