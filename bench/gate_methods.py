@@ -20,7 +20,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from calibration.gate import measure_levels, split_indices  # noqa: E402
-from calibration.gate_search import (LevelStats, Target, candidate_thresholds, evaluate_grid, pick,  # noqa: E402
+from calibration.gate_search import (NEVER, LevelStats, Target, candidate_thresholds, evaluate_grid, pick,  # noqa: E402
                                      simulate, simulate_many)
 from runtime.cascade import Cascade  # noqa: E402
 from runtime.data import read_image_list  # noqa: E402
@@ -28,7 +28,7 @@ from runtime.data import read_image_list  # noqa: E402
 
 def shared_threshold(fit: LevelStats, max_drop: float) -> list[float]:
     """The smallest single threshold for every level whose fit drop is <= max_drop."""
-    cand = np.unique(np.concatenate([[0.0], fit.margin[:-1].ravel(), [1.01]]))
+    cand = np.unique(np.concatenate([[0.0], fit.margin[:-1].ravel(), [NEVER]]))
     grid = simulate_many(fit, np.repeat(cand[:, None], fit.levels - 1, 1))
     ok = np.flatnonzero(grid.accuracy >= fit.correct[-1].mean() - max_drop - 1e-9)
     return [float(cand[ok[0]])] * (fit.levels - 1)  # the last candidate (never exit) always qualifies

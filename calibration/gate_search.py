@@ -88,7 +88,8 @@ class Grid:
     changed: np.ndarray | None = None  # [M] fraction whose correctness differs from the full model's (labels)
 
     def drop_se(self, reference: str, n: int) -> np.ndarray:
-        """Paired standard error of (score - full score) over ``n`` images: per image d in {-1, 0, 1}."""
+        """Paired standard error of (score - full score) over ``n`` images, per image d in {-1, 0, 1}; for a grid of
+        ``evaluate_grid``, whose last point (every threshold NEVER) is the full model."""
         diff = self.score(reference) - self.score(reference)[-1]
         second = self.changed if reference == "labels" else 1 - self.agreement  # E[d^2]
         return np.sqrt(np.maximum(second - diff ** 2, 0) / max(n, 1))

@@ -43,7 +43,7 @@ from train.setup import (DistillError, choose_labels, init_student, level_weight
 from train.augment import Augment
 from train.dense import DenseHead, channel_stats, mirror_grid
 from train.losses import distill_loss, lr_at
-from train.teacher_cache import default_cache_dir, teacher_embeddings, teacher_targets
+from train.teacher_cache import TeacherTargets, default_cache_dir, teacher_embeddings, teacher_targets
 
 LR_SCRATCH, LR_VIT_INIT = 2e-3, 1e-4  # default peak learning rates
 LOSS_WINDOW = 50  # steps averaged into the reported final losses
@@ -198,7 +198,7 @@ def run(args: argparse.Namespace, stop_after: int | None = None) -> dict:
                   f"in {astats['seconds']:.1f} s, {astats['images_per_s']} images/s", flush=True)
         pixels = np.concatenate([arrays[:, None], aug.pixels.numpy()], axis=1)  # [N, 1 + K, S, S, 3]
         dense = None if targets.dense is None or aug.dense is None else torch.cat([targets.dense, aug.dense], 1)
-        targets = type(targets)(torch.cat([targets.emb, aug.emb], 1), dense)
+        targets = TeacherTargets(torch.cat([targets.emb, aug.emb], 1), dense)
     temb = targets.emb
     if args.dense_weight > 0 and targets.dense is None:
         raise DistillError(f"--dense-weight {args.dense_weight}: teacher {args.teacher} has no spatial feature map "
