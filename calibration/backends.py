@@ -83,12 +83,17 @@ def quantize_onnx(src: Path, reader, dst: Path, scheme: OnnxScheme, method: str,
     qtype = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
     # (The QDQ quantizer ignores MatMulConstBOnly, so attention MatMuls are excluded by node name instead.)
     exclude = _float_matmuls(pre, scheme)
+    extra = scheme.extra_options(list(ops))
+    if method != "minmax":
+        # The histogram calibrators stack every item's tensors with np.asarray, which fails when shapes differ from
+        # item to item (the split body's attention at every level's past length, a last partial batch). Striding
+        # one item per collect_data call builds each histogram item by item and merges them (ORT's own option).
+        extra["CalibStridedMinMax"] = 1
     with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print their settings
         quantize_static(str(pre), str(dst), reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=list(ops),
                         nodes_to_exclude=exclude, per_channel=scheme.per_channel,
                         activation_type=qtype[scheme.activations], weight_type=QuantType.QInt8,
-                        calibrate_method=methods[method], use_external_data_format=big,
-                        extra_options=scheme.extra_options(list(ops)))
+                        calibrate_method=methods[method], use_external_data_format=big, extra_options=extra)
     # (No CalibMaxIntermediateOutputs: in onnxruntime 1.31 MinMaxCalibrater.collect_data drops the ranges collected
     # so far instead of merging them.)
     return onnx.load(str(dst))

@@ -29,19 +29,25 @@ class ItemsReader(CalibrationDataReader):
 
     def __init__(self, items: list[dict[str, np.ndarray]]) -> None:
         self._items = items
+        self.start, self.end = 0, len(items)
         self.rewind()
 
     def items(self) -> list[dict[str, np.ndarray]]:
-        return self._items
+        return self._items[self.start:self.end]
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._iter, None)
 
     def rewind(self) -> None:
-        self._iter = iter(self._items)
+        self._iter = iter(self.items())
 
     def __len__(self) -> int:
-        return len(self._items)
+        return self.end - self.start
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        """Items [start_index, end_index) only (ORT's strided calibration)."""
+        self.start, self.end = max(0, start_index), min(len(self._items), end_index)
+        self.rewind()
 
 
 def body_items(fp32: Bundle, patches: list[np.ndarray], per_level: int = PER_LEVEL, batch: int = BATCH

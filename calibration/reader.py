@@ -39,7 +39,7 @@ class CascadeCalibrationReader(CalibrationDataReader):
         self.feeds = feeds
         self.batch_size = batch_size
         self.rows = next(iter(feeds.values())).shape[0]
-        self.start, self.end = 0, self.rows
+        self.start, self.end = 0, -(-self.rows // batch_size)  # in items, as ORT's strided calibration counts
         self.rewind()
 
     @classmethod
@@ -52,8 +52,8 @@ class CascadeCalibrationReader(CalibrationDataReader):
         raise ValueError(f"level {level} out of range 0..{bundle.num_levels - 1}")
 
     def items(self) -> list[dict[str, np.ndarray]]:
-        return [{name: v[i:i + self.batch_size] for name, v in self.feeds.items()}
-                for i in range(self.start, self.end, self.batch_size)]
+        b = self.batch_size
+        return [{name: v[i * b:(i + 1) * b] for name, v in self.feeds.items()} for i in range(self.start, self.end)]
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._iter, None)
@@ -62,8 +62,9 @@ class CascadeCalibrationReader(CalibrationDataReader):
         self._iter = iter(self.items())
 
     def __len__(self) -> int:
-        return -(-(self.end - self.start) // self.batch_size)
+        return self.end - self.start
 
     def set_range(self, start_index: int, end_index: int) -> None:
-        self.start, self.end = max(0, start_index), min(self.rows, end_index)
+        """Items [start_index, end_index) only (ORT's strided calibration)."""
+        self.start, self.end = max(0, start_index), min(-(-self.rows // self.batch_size), end_index)
         self.rewind()
