@@ -116,6 +116,13 @@ class Teacher(abc.ABC):
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
         """[B, 3, S, S] float32 pixels in the teacher's own normalisation (on the CPU)."""
 
+    def preprocess_square(self, images: list[Image.Image]) -> torch.Tensor:
+        """Square images (the student's view) -> the teacher's input with the WHOLE image in view: resized to
+        ``image_size`` x ``image_size``, then :meth:`preprocess` (whose resize and centre crop are then no-ops for
+        transforms that resize the shorter side to ``image_size``; teachers that crop more override this)."""
+        size = (self.image_size, self.image_size)
+        return self.preprocess([im.convert("RGB").resize(size, Image.BICUBIC) for im in images])
+
     @abc.abstractmethod
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """[B, D] raw (not normalised) float32 embeddings, without grad."""
@@ -271,15 +278,23 @@ class EfficientNetLite0Teacher(Teacher):
         model.load_state_dict(state)
         self.model = model.eval().requires_grad_(False).to(self.device)
         self.feature_mean = torch.from_numpy(np.load(EFFICIENTNET_LITE0_FEATURE_MEAN)).to(self.device)
+        self._to_input = transforms.Compose([
+            transforms.ToTensor(),
+            transforms.Normalize([0.5] * 3, [0.5] * 3),  # [0, 1] -> [-1, 1]
+        ])
         self._transform = transforms.Compose([
             transforms.Resize(256, interpolation=transforms.InterpolationMode.BICUBIC),
             transforms.CenterCrop(224),
-            transforms.ToTensor(),
-            transforms.Normalize([0.5] * 3, [0.5] * 3),  # [0, 1] -> [-1, 1]
+            self._to_input,
         ])
 
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
         return torch.stack([self._transform(im.convert("RGB")) for im in images])
+
+    def preprocess_square(self, images: list[Image.Image]) -> torch.Tensor:
+        """The whole image resized to 224 x 224 (no Resize 256 + CenterCrop 224: that would cut the border)."""
+        size = (self.image_size, self.image_size)
+        return torch.stack([self._to_input(im.convert("RGB").resize(size, Image.BICUBIC)) for im in images])
 
     @torch.no_grad()
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:

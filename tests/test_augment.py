@@ -75,6 +75,37 @@ def test_cached_views_pair_teacher_targets_with_the_students_pixels(images, tmp_
     assert len({stats["key"], plain["key"], reseeded["key"]}) == 3 and reseeded["computed"] == 6
 
 
+@pytest.mark.parametrize("augment", [None, Augment(2, 0, SPEC)])
+def test_student_view_feeds_the_teacher_the_students_pixels(augment, images, tmp_path):
+    """--teacher-view student: the teacher's input is the student's exact pixels (of the image, or of each view)
+    resized to its input with the whole view; its own cache."""
+    teacher = load_teacher(TEACHER)
+    targets, stats = teacher_targets(teacher, images, tmp_path, dense_grid=2, flip=False, progress=False,
+                                     augment=augment, student_view=SPEC)
+    im = Image.open(images[2].path).convert("RGB")
+    view = im if augment is None else augment.view(im, images[2].path, 1)
+    pixels = Image.fromarray(image_to_array(view, SPEC))
+    emb, fmap = teacher.encode_with_map(teacher.preprocess_square([pixels]))
+    v = 0 if augment is None else 1
+    assert torch.allclose(targets.emb[2, v].float(), emb[0], atol=1e-2)
+    assert torch.allclose(targets.dense[2, v].float(), pool_map(fmap, 2)[0], atol=1e-2)
+    native_emb = teacher.encode_image(teacher.preprocess([view]))[0]
+    assert not torch.allclose(targets.emb[2, v].float(), native_emb, atol=1e-2)
+    _, native = teacher_targets(teacher, images, tmp_path, dense_grid=2, flip=False, progress=False, augment=augment)
+    assert native["key"] != stats["key"] and native["computed"] == 6
+
+
+def test_efficientnet_square_preprocess_keeps_the_whole_view():
+    """Resize 256 + CenterCrop 224 cuts 1/16 of each border; the student's view is seen whole."""
+    teacher = load_teacher("efficientnet-lite0")
+    im = np.zeros((64, 64, 3), np.uint8)
+    im[:, :2] = 255  # a white left border, 2 of 64 columns
+    native, square = (f([Image.fromarray(im)])[0] for f in (teacher.preprocess, teacher.preprocess_square))
+    assert square.shape == native.shape == (3, 224, 224)
+    assert square[:, :, 0].min() > 0.9 and native[:, :, 0].max() < -0.9  # [-1, 1]: the border is in, or cut
+    assert torch.allclose(square[:, :, 100:], torch.full_like(square[:, :, 100:], -1.0))
+
+
 def test_batches_draw_views_without_changing_plain_batches():
     idx, flips, views = distill.batch_at(7, 100, 16, 3)
     idx3, flips3, views3 = distill.batch_at(7, 100, 16, 3, views=3)
@@ -99,3 +130,17 @@ def test_distill_with_augmented_views_runs_and_resumes_exactly(images, tmp_path)
     assert all(torch.equal(ca["state_dict"][k], cb["state_dict"][k]) for k in ca["state_dict"])
     with pytest.raises(SystemExit):
         distill.parse_args([*args, "--out", str(a), "--teacher-views", "2"])
+
+
+def test_distill_teacher_view_student_is_its_own_cache(images, tmp_path):
+    folder = images[0].path.parent
+    (tmp_path / "labels.txt").write_text("n01440764\nn01443537\n")
+    args = ["--teacher", TEACHER, "--data", str(folder), "--preset", "waveclip-tiny", "--batch-size", "4",
+            "--threads", "1", "--cache-dir", str(tmp_path / "cache"), "--labels", str(tmp_path / "labels.txt"),
+            "--steps", "2"]
+    assert distill.main([*args, "--out", str(tmp_path / "n.pt")]) == 0
+    assert distill.main([*args, "--out", str(tmp_path / "s.pt"), "--teacher-view", "student"]) == 0
+    (_, n), (_, s) = load_checkpoint(tmp_path / "n.pt"), load_checkpoint(tmp_path / "s.pt")
+    assert n["provenance"]["teacher_view"] == "native" and s["provenance"]["teacher_view"] == "student"
+    assert n["provenance"]["teacher_cache"]["key"] != s["provenance"]["teacher_cache"]["key"]
+    assert s["provenance"]["teacher_cache"]["computed"] == 6

@@ -3,7 +3,7 @@
     python -m train.ablation [--work out/demo-work] [--steps 300] [--variants baseline,kl1000,dense,dense_kl1000,default,fp32]
 
 Runs ``train.distill`` once per variant on the demo recipe's distillation list (``train.recipe_demo`` writes it),
-evaluates per-level cosine and top-1 on 1,000 images of the held-apart ``calib`` split (never Tiny-ImageNet val),
+evaluates per-level cosine and top-1 on 1,000 images (``--eval-limit``) of the held-apart ``calib`` split (never Tiny-ImageNet val),
 and prints a markdown table (lever, top-1 per level, cosine per level, minutes of student training). Teacher outputs
 come from the shared cache, so only the first run pays the teacher pass.
 """
@@ -27,6 +27,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "dense_kl1000": ("+ dense + 1000-class KL", NO_NORM),
     "default": ("+ dense + 1000-class KL + per-level patch standardisation (the default)", []),
     "fp32": ("the default in fp32 (speed reference)", ["--precision", "fp32"]),
+    "student_view": ("the default, the teacher seeing the student's exact pixels (--teacher-view student)",
+                     ["--teacher-view", "student"]),
 }
 
 
@@ -37,7 +39,8 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, "-m", "train.distill", "--teacher", "efficientnet-lite0",
            "--data", str(args.work / "distill.csv"), "--preset", "waveclip-demo", "--out", str(out),
            "--steps", str(args.steps), "--threads", str(args.threads), "--save-every", "0", "--seed", "0",
-           "--eval-data", str(splits), "--eval-split", "calib", "--eval-limit", "1000", *VARIANTS[name][1]]
+           "--eval-data", str(splits), "--eval-split", "calib", "--eval-limit", str(args.eval_limit),
+           *VARIANTS[name][1]]
     print(f"\n=== {name}: {' '.join(cmd[1:])}", flush=True)
     subprocess.run(cmd, cwd=REPO, check=True)
     prov = torch.load(out, map_location="cpu", weights_only=True)["provenance"]
@@ -63,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=REPO / "out" / "demo-work")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--eval-limit", type=int, default=1000, help="calib images to evaluate on (default 1000)")
     p.add_argument("--variants", default="baseline,kl1000,dense,dense_kl1000,default")
     p.add_argument("--json", type=Path, help="also write the rows here")
     args = p.parse_args(argv)

@@ -78,6 +78,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="weight of the dense token-level loss to the teacher's feature map (0: off)")
     p.add_argument("--teacher-views", type=int, choices=[1, 2], default=1,
                    help="teacher passes per image: 1 (mirror reuses them) or 2 (the mirror is run too)")
+    p.add_argument("--teacher-view", choices=["native", "student"], default="native",
+                   help="what the teacher sees: native = the original image through its own preprocessing (e.g. "
+                        "Resize 256 + CenterCrop 224 of the full-resolution file); student = exactly the student's "
+                        "pixels (its crop, at its resolution) resized to the teacher's input, the whole view")
     p.add_argument("--aug-views", type=int, default=0, choices=range(0, 9), metavar="K",
                    help="augmented views per image (random-resized crop + colour jitter), teacher-run once and cached; "
                         "each step draws the plain image or one of them (0: the plain image only; needs "
@@ -182,9 +186,10 @@ def run(args: argparse.Namespace, stop_after: int | None = None) -> dict:
 
     digest = records_digest(kept)
     cache_dir = args.cache_dir or default_cache_dir()
+    student_view = spec if args.teacher_view == "student" else None
     targets, tstats = teacher_targets(teacher, kept, cache_dir, flip=args.teacher_views == 2,
                                       dense_grid=cfg.grid,  # maps cached whatever the weight: one cache
-                                      batch_size=args.teacher_batch_size)
+                                      batch_size=args.teacher_batch_size, student_view=student_view)
     if tstats["computed"]:
         print(f"teacher ({tstats['backend']}): {tstats['computed']} images x {args.teacher_views} view(s) in "
               f"{tstats['seconds']:.1f} s, {tstats['images_per_s']} images/s", flush=True)
@@ -192,7 +197,7 @@ def run(args: argparse.Namespace, stop_after: int | None = None) -> dict:
     pixels, astats = None, None
     if args.aug_views:
         aug, astats = teacher_targets(teacher, kept, cache_dir, dense_grid=cfg.grid, batch_size=args.teacher_batch_size,
-                                      augment=Augment(args.aug_views, args.seed, spec))
+                                      augment=Augment(args.aug_views, args.seed, spec), student_view=student_view)
         if astats["computed"]:
             print(f"teacher ({astats['backend']}): {astats['computed']} images x {args.aug_views} augmented view(s) "
                   f"in {astats['seconds']:.1f} s, {astats['images_per_s']} images/s", flush=True)
@@ -263,7 +268,8 @@ def run(args: argparse.Namespace, stop_after: int | None = None) -> dict:
             "steps": step, "epochs": round(step * bsz / n, 3), "batch_size": bsz, "lr": args.lr,
             "weight_decay": args.weight_decay, "warmup": warmup, "kl_weight": args.kl_weight,
             "kl_head": args.kl_head, "temperature": args.temperature, "dense_weight": args.dense_weight,
-            "teacher_views": args.teacher_views, "patch_norm": args.patch_norm, "precision": "bf16" if bf16 else "fp32",
+            "teacher_views": args.teacher_views, "teacher_view": args.teacher_view, "patch_norm": args.patch_norm,
+            "precision": "bf16" if bf16 else "fp32",
             "level_weights": weights, "seed": args.seed, "device": str(device),
             "threads": torch.get_num_threads(), "wall_time_s": round(prior_wall + time.perf_counter() - t_run, 2),
             "train_seconds": round(secs, 2), "images_seen": images_seen,

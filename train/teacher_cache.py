@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import ImageOps
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from model.checkpoint import atomic_torch_save
@@ -88,17 +88,21 @@ def pool_map(fmap: torch.Tensor, grid: int) -> torch.Tensor:
 
 
 def _encode(teacher: Teacher, encoder: Encoder, records: Sequence[ImageRecord], views: int,
-            dense_grid: int | None, augment: Augment | None = None) -> dict:
+            dense_grid: int | None, augment: Augment | None = None, student_view: dict | None = None) -> dict:
     images = [load_image(r.path) for r in records]
-    if augment is not None:  # view-major, like the mirror
+    if augment is not None:  # view-major, like the mirror; each view cut from the full-resolution image
         per_image = [augment(im, r.path) for im, r in zip(images, records)]
         images = [per_image[i][v] for v in range(views) for i in range(len(records))]
-    elif views == 2:
+        arrays = [image_to_array(im, augment.spec) for im in images]
+    if student_view is not None:  # the teacher sees the student's exact pixels (its crop and resolution)
+        images = [Image.fromarray(a) for a in arrays] if augment is not None else [
+            Image.fromarray(image_to_array(im, student_view)) for im in images]
+    if augment is None and views == 2:
         images += [ImageOps.mirror(im) for im in images]
-    emb, fmap = encoder(teacher.preprocess(images))
+    emb, fmap = encoder(teacher.preprocess_square(images) if student_view is not None else teacher.preprocess(images))
     out = {"emb": emb.float().cpu().reshape(views, len(records), -1).transpose(0, 1).half()}
     if augment is not None:
-        pixels = torch.from_numpy(np.stack([image_to_array(im, augment.spec) for im in images]))
+        pixels = torch.from_numpy(np.stack(arrays))
         out["pixels"] = pixels.reshape(views, len(records), *pixels.shape[1:]).transpose(0, 1).contiguous()
     if dense_grid and fmap is not None:
         dense = pool_map(fmap.cpu(), dense_grid)
@@ -108,7 +112,8 @@ def _encode(teacher: Teacher, encoder: Encoder, records: Sequence[ImageRecord], 
 
 def teacher_targets(teacher: Teacher, records: Sequence[ImageRecord], cache_dir: str | os.PathLike, *,
                     flip: bool = True, dense_grid: int | None = None, key_extra: str = "", batch_size: int = 64,
-                    progress: bool = True, augment: Augment | None = None) -> tuple[TeacherTargets, dict]:
+                    progress: bool = True, augment: Augment | None = None, student_view: dict | None = None
+                    ) -> tuple[TeacherTargets, dict]:
     """Teacher targets (views: the image, then its mirror when ``flip``; or, with ``augment``, its augmented views
     and the student's pixels of each; dense maps pooled to ``dense_grid`` when given and the teacher has a map) and
     stats: {"key", "images", "computed" (images run through the teacher now),
@@ -116,6 +121,8 @@ def teacher_targets(teacher: Teacher, records: Sequence[ImageRecord], cache_dir:
     "backend"}."""
     if augment is not None:
         flip, key_extra = False, f"{key_extra}|{augment.describe()}"
+    if student_view is not None:
+        key_extra = f"{key_extra}|teacher_view=student|{ {k: student_view[k] for k in sorted(student_view)} }"
     extra = f"{teacher_fingerprint(teacher)}|{key_extra}|dense={dense_grid or 0}"
     key = cache_key(teacher.name, records, flip, extra)
     folder = Path(cache_dir).expanduser() / "teacher" / key
@@ -136,11 +143,14 @@ def teacher_targets(teacher: Teacher, records: Sequence[ImageRecord], cache_dir:
         if chunk is None:
             t0 = time.perf_counter()
             if encoder is None:
-                sample = teacher.preprocess([load_image(r.path) for r in part[:2]])
+                first = [load_image(r.path) for r in part[:2]]
+                sample = (teacher.preprocess_square([Image.fromarray(image_to_array(im, student_view)) for im in first])
+                          if student_view is not None else teacher.preprocess(first))
                 encoder, backend = onnx_encoder(teacher, sample, torch.get_num_threads())
             pieces = []
             for i in range(0, len(part), batch_size):
-                pieces.append(_encode(teacher, encoder, part[i:i + batch_size], views, dense_grid, augment))
+                pieces.append(_encode(teacher, encoder, part[i:i + batch_size], views, dense_grid, augment,
+                                      student_view))
                 bar.update(len(part[i:i + batch_size]))
             chunk = {k: torch.cat([p[k] for p in pieces]) for k in pieces[0]}
             seconds += time.perf_counter() - t0
