@@ -145,12 +145,14 @@ def test_recipe_stages_and_help(tmp_path):
     import subprocess
     import sys
 
-    from train.recipe_demo import DEFAULT_STAGES, _stages
+    from train.recipe_demo import DEFAULT_STAGES, Stage, _show, _stages
 
-    assert _stages("3400") == ((3400, 0),) and _stages("3400,10500:aug2") == ((3400, 0), (10500, 2))
-    totals = [t for t, _ in DEFAULT_STAGES]
-    assert totals == sorted(set(totals))
-    for bad in ("5,3", "0", "a", "3400,3400", "", "10:aug", "10:aug9", "10:x2", "10:aug2:aug3"):
+    assert _stages("3400") == (Stage(3400, 0, "native"),)
+    assert _stages("3400,10500:aug2,12000:student:aug1") == (Stage(3400), Stage(10500, 2), Stage(12000, 1, "student"))
+    default = _stages(",".join(DEFAULT_STAGES))
+    assert [s.total for s in default] == sorted({s.total for s in default}) and _show(default) == ",".join(DEFAULT_STAGES)
+    for bad in ("5,3", "0", "a", "3400,3400", "", "10:aug", "10:aug9", "10:x2", "10:aug2:aug3", "10:student:native",
+                "10:studentx"):
         with pytest.raises(argparse.ArgumentTypeError):
             _stages(bad)
     root = Path(__file__).resolve().parents[1]

@@ -23,39 +23,52 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import NamedTuple
 
 REPO = Path(__file__).resolve().parents[1]
 PER_CLASS_CALIB = 20
 # The shipped model: 3,400 steps; resumed with a new cosine schedule to 10,500; resumed again to 17,000 with two
-# cached augmented views per image (``train.distill --aug-views 2``), as (total steps, augmented views).
-DEFAULT_STAGES = ((3400, 0), (10500, 0), (17000, 2))
+# cached augmented views per image (``train.distill --aug-views 2``).
+DEFAULT_STAGES = ("3400", "10500", "17000:aug2")
 
 
 EXTRA_SOURCES = ("dogs-vs-cats/labels.csv", "imagenet-mini/labels.csv")  # unlabelled for distillation
 
 
-def _stage(text: str) -> tuple[int, int]:
-    total, _, aug = text.partition(":aug")
-    if ":" in total or (_ and not aug):
+class Stage(NamedTuple):
+    """One distillation stage: resume to ``total`` steps, with ``aug`` cached augmented views, the teacher seeing
+    ``view`` (``train.distill --teacher-view``)."""
+
+    total: int
+    aug: int = 0
+    view: str = "native"
+
+
+def _stage(text: str) -> Stage:
+    total, *tags = text.split(":")
+    aug = [t for t in tags if t.startswith("aug")]
+    views = [t for t in tags if t in ("native", "student")]
+    if len(aug) > 1 or len(views) > 1 or len(aug) + len(views) != len(tags) or any(a == "aug" for a in aug):
         raise ValueError(text)
-    return int(total), int(aug or 0)
+    return Stage(int(total), int(aug[0][3:]) if aug else 0, views[0] if views else "native")
 
 
-def _stages(text: str) -> tuple[tuple[int, int], ...]:
-    """``--steps``: one total or increasing totals, each optionally with augmented views, e.g. ``3400,9000:aug2``
-    -> ((3400, 0), (9000, 2))."""
+def _stages(text: str) -> tuple[Stage, ...]:
+    """``--steps``: one total or increasing totals, each optionally with augmented views and the teacher's view,
+    e.g. ``3400,9000:aug2:student`` -> (Stage(3400, 0, "native"), Stage(9000, 2, "student"))."""
     try:
         stages = tuple(_stage(x) for x in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected N or N1,N2[:augK],... got {text!r}") from None
-    totals = [t for t, _ in stages]
-    if totals[0] < 1 or any(b <= a for a, b in zip(totals, totals[1:])) or any(not 0 <= k <= 8 for _, k in stages):
+        raise argparse.ArgumentTypeError(f"expected N or N1,N2[:augK][:student],... got {text!r}") from None
+    totals = [s.total for s in stages]
+    if totals[0] < 1 or any(b <= a for a, b in zip(totals, totals[1:])) or any(not 0 <= s.aug <= 8 for s in stages):
         raise argparse.ArgumentTypeError(f"stages must be positive and increasing (augK: K in 0..8), got {text!r}")
     return stages
 
 
-def _show(stages: tuple[tuple[int, int], ...]) -> str:
-    return ",".join(f"{t}:aug{k}" if k else str(t) for t, k in stages)
+def _show(stages: tuple[Stage, ...]) -> str:
+    return ",".join(str(s.total) + (f":aug{s.aug}" if s.aug else "") + (":student" if s.view == "student" else "")
+                    for s in stages)
 
 
 def write_splits(data: Path, dest: Path, seed: int = 0) -> dict:
@@ -139,10 +152,11 @@ def main() -> int:
     p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data", help="the shared data folder")
     p.add_argument("--out", type=Path, default=REPO / "models" / "waveclip-demo", help="where the shipped files go")
     p.add_argument("--work", type=Path, default=REPO / "out" / "demo-work", help="scratch (full checkpoint, splits)")
-    p.add_argument("--steps", type=_stages, default=DEFAULT_STAGES,
+    p.add_argument("--steps", type=_stages, default=",".join(DEFAULT_STAGES),
                    help="total student steps, or stages as a comma list: each stage resumes the last one with a "
                         "new cosine schedule to its total (a warm restart); N:augK trains that stage with K cached "
-                        f"augmented views per image (default {_show(DEFAULT_STAGES)})")
+                        "augmented views per image, N:student with the teacher seeing the student's pixels "
+                        f"(default {','.join(DEFAULT_STAGES)})")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--skip-train", action="store_true", help="reuse WORK/ckpt-full.pt")
     p.add_argument("--from-step", choices=["export", "quantize"], default="export", help="resume the recipe here")
@@ -160,12 +174,13 @@ def main() -> int:
     full = args.work / "ckpt-full.pt"
     if not args.skip_train:
         data = distill_list(splits, args.work / "distill.csv")
-        for i, (total, aug) in enumerate(args.steps):
+        for i, stage in enumerate(args.steps):
             step("distill" if i == 0 else f"distill-stage{i + 1}",
                  ["-m", "train.distill", "--teacher", "efficientnet-lite0", "--data", str(data),
-                  "--preset", "waveclip-demo", "--out", str(full), "--steps", str(total), "--resume",
+                  "--preset", "waveclip-demo", "--out", str(full), "--steps", str(stage.total), "--resume",
                   "--threads", str(args.threads), "--eval-data", str(splits), "--eval-split", "calib",
-                  "--eval-limit", "1000", *(["--aug-views", str(aug)] if aug else [])], log, log_path)
+                  "--eval-limit", "1000", "--teacher-view", stage.view,
+                  *(["--aug-views", str(stage.aug)] if stage.aug else [])], log, log_path)
     args.out.mkdir(parents=True, exist_ok=True)
     bundle, int8 = args.out / "bundle", args.out / "bundle-int8"
     if args.from_step == "export":
