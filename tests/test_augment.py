@@ -138,8 +138,8 @@ def test_distill_teacher_view_student_is_its_own_cache(images, tmp_path):
     args = ["--teacher", TEACHER, "--data", str(folder), "--preset", "waveclip-tiny", "--batch-size", "4",
             "--threads", "1", "--cache-dir", str(tmp_path / "cache"), "--labels", str(tmp_path / "labels.txt"),
             "--steps", "2"]
-    assert distill.main([*args, "--out", str(tmp_path / "n.pt")]) == 0
-    assert distill.main([*args, "--out", str(tmp_path / "s.pt"), "--teacher-view", "student"]) == 0
+    assert distill.main([*args, "--out", str(tmp_path / "n.pt"), "--teacher-view", "native"]) == 0
+    assert distill.main([*args, "--out", str(tmp_path / "s.pt")]) == 0  # the default
     (_, n), (_, s) = load_checkpoint(tmp_path / "n.pt"), load_checkpoint(tmp_path / "s.pt")
     assert n["provenance"]["teacher_view"] == "native" and s["provenance"]["teacher_view"] == "student"
     assert n["provenance"]["teacher_cache"]["key"] != s["provenance"]["teacher_cache"]["key"]

@@ -9,8 +9,9 @@ cosine distance of the level's patch tokens to the teacher's feature map at thei
 Teacher outputs are cached on disk (``--teacher-views 1``: the image only, its mirror reuses them with the map's
 columns reversed; 2: the mirror is run too); ``--aug-views K`` adds K cached random-resized, colour-jittered
 views per image (``train.augment``), each step drawing the plain image or one of them; student inputs come from
-``runtime.preprocess`` / ``runtime.wavelet``, the code the device runs. ``--precision auto`` trains under bf16 autocast where the CPU (AVX512-BF16/AMX) or GPU
-has native bf16, else fp32.
+``runtime.preprocess`` / ``runtime.wavelet``, the code the device runs. ``--teacher-view student`` (the default) shows
+the teacher those same pixels, resized to its input. ``--precision auto`` trains under bf16 autocast where the CPU
+(AVX512-BF16/AMX) or GPU has native bf16, else fp32.
 Initialisation rule: a student whose width, depth and heads equal the teacher ViT's starts from its weights
 (``WaveCLIP.init_from_vit``); presets in ``REQUIRES_VIT_INIT`` (waveclip-b16) refuse any other teacher.
 Batches, views and flips are a pure function of (seed, step), so ``--resume`` continues exactly where ``--out`` stopped.
@@ -78,10 +79,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="weight of the dense token-level loss to the teacher's feature map (0: off)")
     p.add_argument("--teacher-views", type=int, choices=[1, 2], default=1,
                    help="teacher passes per image: 1 (mirror reuses them) or 2 (the mirror is run too)")
-    p.add_argument("--teacher-view", choices=["native", "student"], default="native",
-                   help="what the teacher sees: native = the original image through its own preprocessing (e.g. "
-                        "Resize 256 + CenterCrop 224 of the full-resolution file); student = exactly the student's "
-                        "pixels (its crop, at its resolution) resized to the teacher's input, the whole view")
+    p.add_argument("--teacher-view", choices=["native", "student"], default="student",
+                   help="what the teacher sees: student (default) = exactly the student's pixels (its crop, at its "
+                        "resolution) resized to the teacher's input, the whole view; native = the original file "
+                        "through the teacher's own preprocessing (e.g. Resize 256 + CenterCrop 224 at full "
+                        "resolution), which shows the teacher detail and border the student never sees")
     p.add_argument("--aug-views", type=int, default=0, choices=range(0, 9), metavar="K",
                    help="augmented views per image (random-resized crop + colour jitter), teacher-run once and cached; "
                         "each step draws the plain image or one of them (0: the plain image only; needs "
