@@ -147,8 +147,9 @@ def test_recipe_stages_and_help(tmp_path):
 
     from train.recipe_demo import DEFAULT_STAGES, Stage, _show, _stages
 
-    assert _stages("3400") == (Stage(3400, 0, "native"),)
-    assert _stages("3400,10500:aug2,12000:student:aug1") == (Stage(3400), Stage(10500, 2), Stage(12000, 1, "student"))
+    assert _stages("3400") == (Stage(3400, 0, "student"),)
+    assert _stages("3400:native,10500:aug2,12000:student:aug1") == (Stage(3400, 0, "native"), Stage(10500, 2),
+                                                                     Stage(12000, 1, "student"))
     default = _stages(",".join(DEFAULT_STAGES))
     assert [s.total for s in default] == sorted({s.total for s in default}) and _show(default) == ",".join(DEFAULT_STAGES)
     for bad in ("5,3", "0", "a", "3400,3400", "", "10:aug", "10:aug9", "10:x2", "10:aug2:aug3", "10:student:native",
