@@ -4,8 +4,9 @@ the teacher's feature map pooled to the student's token grid; for the image and 
 Layout: ``CACHE_DIR/teacher/<key>/chunk_00000.pt`` ({"emb": [n, views, D], "dense": [n, views, grid*grid, C] or
 absent}, float16) + ``meta.json``. The key hashes the teacher spec, a fingerprint of its weights (so changed weights or
 a differently seeded random teacher miss the cache), the image list (absolute paths, sizes, labels), the views and
-the dense grid (and, for augmented views, ``train.augment.Augment.describe``); a second run, a resume, or an
-interrupted teacher pass picks up what is there and computes only the missing chunks. On a CPU the teacher runs in ONNX Runtime after a parity check (``train.teacher_onnx``).
+the dense grid (and, for augmented views, ``train.augment.Augment.describe``; for the student view, its spec); a
+second run, a resume, or an interrupted teacher pass picks up what is there and computes only the missing chunks.
+On a CPU the teacher runs in ONNX Runtime after a parity check (``train.teacher_onnx``).
 """
 from __future__ import annotations
 
@@ -115,7 +116,9 @@ def teacher_targets(teacher: Teacher, records: Sequence[ImageRecord], cache_dir:
                     progress: bool = True, augment: Augment | None = None, student_view: dict | None = None
                     ) -> tuple[TeacherTargets, dict]:
     """Teacher targets (views: the image, then its mirror when ``flip``; or, with ``augment``, its augmented views
-    and the student's pixels of each; dense maps pooled to ``dense_grid`` when given and the teacher has a map) and
+    and the student's pixels of each; dense maps pooled to ``dense_grid`` when given and the teacher has a map; with
+    ``student_view`` (the student's preprocessing spec) the teacher sees the student's pixels of every view through
+    ``Teacher.preprocess_square``, else the original file through ``Teacher.preprocess``) and
     stats: {"key", "images", "computed" (images run through the teacher now),
     "seconds", "images_per_s" (computed images, each with its views, per second; None when all came from the cache),
     "backend"}."""
