@@ -42,13 +42,10 @@ GEMV_INT8 = (8192, 8192)  # 64 MiB at int8
 
 
 def session(path: str | Path, threads: int) -> ort.InferenceSession:
-    """A CPU session configured as the runtime's (runtime.backends.ort)."""
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    """A CPU session configured as the runtime's (the baseline timer's settings)."""
+    from devices.baseline import OnnxTimer
+
+    return OnnxTimer(path, "onnxruntime", "CPUExecutionProvider", threads).session
 
 
 def matmul_chain(dims: list[int], path: Path, seed: int = 0) -> Path:

@@ -39,7 +39,8 @@ class CascadeCalibrationReader(CalibrationDataReader):
         self.feeds = feeds
         self.batch_size = batch_size
         self.rows = next(iter(feeds.values())).shape[0]
-        self.start, self.end = 0, -(-self.rows // batch_size)  # in items, as ORT's strided calibration counts
+        self.items_total = -(-self.rows // batch_size)
+        self.start, self.end = 0, self.items_total  # in items, as ORT's strided calibration counts
         self.rewind()
 
     @classmethod
@@ -66,5 +67,5 @@ class CascadeCalibrationReader(CalibrationDataReader):
 
     def set_range(self, start_index: int, end_index: int) -> None:
         """Items [start_index, end_index) only (ORT's strided calibration)."""
-        self.start, self.end = max(0, start_index), min(-(-self.rows // self.batch_size), end_index)
+        self.start, self.end = max(0, start_index), min(self.items_total, end_index)
         self.rewind()

@@ -88,6 +88,14 @@ def pool_map(fmap: torch.Tensor, grid: int) -> torch.Tensor:
     return F.adaptive_avg_pool2d(fmap.float(), grid).flatten(2).transpose(1, 2)
 
 
+def _teacher_input(teacher: Teacher, images: list[Image.Image], student_view: dict | None) -> torch.Tensor:
+    """The teacher's pixels: the student's square view resized whole (``student_view``: the student's spec; images
+    already in it pass unchanged), else the file through the teacher's own preprocessing."""
+    if student_view is None:
+        return teacher.preprocess(images)
+    return teacher.preprocess_square([Image.fromarray(image_to_array(im, student_view)) for im in images])
+
+
 def _encode(teacher: Teacher, encoder: Encoder, records: Sequence[ImageRecord], views: int,
             dense_grid: int | None, augment: Augment | None = None, student_view: dict | None = None) -> dict:
     images = [load_image(r.path) for r in records]
@@ -95,12 +103,11 @@ def _encode(teacher: Teacher, encoder: Encoder, records: Sequence[ImageRecord], 
         per_image = [augment(im, r.path) for im, r in zip(images, records)]
         images = [per_image[i][v] for v in range(views) for i in range(len(records))]
         arrays = [image_to_array(im, augment.spec) for im in images]
-    if student_view is not None:  # the teacher sees the student's exact pixels (its crop and resolution)
-        images = [Image.fromarray(a) for a in arrays] if augment is not None else [
-            Image.fromarray(image_to_array(im, student_view)) for im in images]
-    if augment is None and views == 2:
+        if student_view is not None:  # the student's pixels of each view
+            images = [Image.fromarray(a) for a in arrays]
+    elif views == 2:
         images += [ImageOps.mirror(im) for im in images]
-    emb, fmap = encoder(teacher.preprocess_square(images) if student_view is not None else teacher.preprocess(images))
+    emb, fmap = encoder(_teacher_input(teacher, images, student_view))
     out = {"emb": emb.float().cpu().reshape(views, len(records), -1).transpose(0, 1).half()}
     if augment is not None:
         pixels = torch.from_numpy(np.stack(arrays))
@@ -146,9 +153,7 @@ def teacher_targets(teacher: Teacher, records: Sequence[ImageRecord], cache_dir:
         if chunk is None:
             t0 = time.perf_counter()
             if encoder is None:
-                first = [load_image(r.path) for r in part[:2]]
-                sample = (teacher.preprocess_square([Image.fromarray(image_to_array(im, student_view)) for im in first])
-                          if student_view is not None else teacher.preprocess(first))
+                sample = _teacher_input(teacher, [load_image(r.path) for r in part[:2]], student_view)
                 encoder, backend = onnx_encoder(teacher, sample, torch.get_num_threads())
             pieces = []
             for i in range(0, len(part), batch_size):
