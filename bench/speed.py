@@ -33,6 +33,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from runtime.bundle import Bundle, load_bundle  # noqa: E402
+from runtime.cli import key_value  # noqa: E402
 from runtime.timing import exit_plan, expected_ms, parse_exit_mix  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,8 +63,9 @@ def cpu_has_bf16() -> bool:
 
 
 def setups(bundles: list[Bundle], images: np.ndarray, threads: int, ort_weights: list[str],
-           log: Callable[[str], None], vit_spec: str = "auto", ov_weights: tuple[str, ...] = ("levels",)
-           ) -> list[Setup]:
+           log: Callable[[str], None], vit_spec: str = "auto", ov_weights: tuple[str, ...] = ("levels",),
+           ov_properties: dict | None = None) -> list[Setup]:
+    """Every setup to time; with ``ov_properties`` each OpenVINO setup is timed once more with those properties."""
     from devices.baseline import quantized_baseline, resolve_baseline
 
     vit = resolve_baseline(vit_spec, log).path
@@ -89,6 +91,12 @@ def setups(bundles: list[Bundle], images: np.ndarray, threads: int, ort_weights:
             for w in ort_weights if target == "onnxruntime" else ov_weights:
                 if w != "split" or b.has_split:
                     out.append(Setup(f"{target} {prec} ({w})", str(b.path), target, {"weights": w}, qvit, prec, None))
+    if ov_properties:
+        extra = ", ".join(f"{k}={v}" for k, v in ov_properties.items())
+        out = [v for s in out for v in ([s] if s.backend != "openvino" else
+                                        [s, Setup(f"{s.label[:-1]}, {extra})", s.bundle, s.backend,
+                                                  {**s.options, "properties": ov_properties}, s.vit,
+                                                  s.vit_precision, s.vit_hint)])]
     return out
 
 
@@ -186,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
                         "levels,split; split needs the bundle's split graphs)")
     p.add_argument("--ov-weights", default="levels,split",
                    help="OpenVINO weights modes to time, of levels, split (default levels,split)")
+    p.add_argument("--ov-property", type=key_value, action="append", default=[], metavar="KEY=VALUE",
+                   help="time every OpenVINO row once more with this property (repeatable), e.g. "
+                        "CPU_RUNTIME_CACHE_CAPACITY=0")
     p.add_argument("--vit", default="auto", metavar="auto|PATH.onnx",
                    help="the baseline: auto = open_clip ViT-B-16 exported once (devices.baseline), or an ONNX file")
     p.add_argument("--no-memory", action="store_true", help="skip the resident-memory probes")
@@ -224,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = exit_plan(mix, 10 * args.rounds)  # 10 images per round; over all rounds the counts follow the mix
     batch_plan = exit_plan(mix, args.batch * 5)
     run = setups(bundles, images, args.threads, args.ort_weights.split(","), log, args.vit,
-                 tuple(args.ov_weights.split(",")))
+                 tuple(args.ov_weights.split(",")), dict(args.ov_property))
     images_file = str(Path(os.environ.get("TMPDIR", "/tmp")) / f"speed-images-{os.getpid()}.npy")
     np.save(images_file, images)
 

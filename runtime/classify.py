@@ -14,7 +14,7 @@ from tqdm import tqdm
 from runtime.backends import BACKENDS, BackendError
 from runtime.bundle import BundleError, load_bundle
 from runtime.cascade import Cascade, Result
-from runtime.cli import ArgumentParser, integer, threshold
+from runtime.cli import ArgumentParser, integer, key_value, threshold
 from runtime.data import ImageRecord, load_images
 from runtime.errors import one_line
 from runtime.preprocess import list_images
@@ -36,6 +36,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=integer(1), default=1, help="images per cascade batch (default 1)")
     p.add_argument("--threads", type=integer(0), help="intra-op threads for the backend (default or 0: the backend's "
                                                      "choice)")
+    p.add_argument("--ov-property", type=key_value, action="append", default=[], metavar="KEY=VALUE",
+                   help="an OpenVINO property for every compiled model (--backend openvino; repeatable), e.g. "
+                        "CPU_RUNTIME_CACHE_CAPACITY=0: less memory, some latency")
     p.add_argument("--json", action="store_true", help="print one JSON document with every result and the summary")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle files")
     return p.parse_args(argv)
@@ -64,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         labels = [s.strip() for s in args.labels.split(",")] if args.labels else None
         thresholds = args.threshold[0] if args.threshold and len(args.threshold) == 1 else args.threshold
         options = {"threads": args.threads} if args.threads else {}
+        if args.ov_property:
+            if args.backend != "openvino":
+                raise ValueError("--ov-property needs --backend openvino")
+            options["properties"] = dict(args.ov_property)
         cascade = Cascade(bundle, args.backend, thresholds, args.max_level, labels, args.top_k, **options)
     except (BundleError, BackendError, ValueError) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)

@@ -52,3 +52,12 @@ def number(minimum: float | None = None, maximum: float | None = None, below: fl
 
 threshold = number(minimum=0.0)
 threshold.__doc__ = "A gate threshold: a softmax margin, a finite number >= 0 (above 1: never exit there)."
+
+
+def key_value(text: str) -> tuple[str, int | str]:
+    """An argparse type: ``KEY=VALUE`` (a backend property); an integer VALUE is passed as an integer."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip() or not value.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    value = value.strip()
+    return key.strip(), int(value) if value.lstrip("-").isdigit() else value

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime.backends import create_backend
+from runtime.backends import BackendError, create_backend
 from runtime.bundle import load_bundle
 from runtime.cascade import Cascade
 from runtime.threads import blas_threads
@@ -116,8 +116,6 @@ def test_onnxruntime_weights_modes_agree(tiny_bundle, bundle_name):
 
 
 def test_unknown_weights_mode_is_refused(tiny_bundle):
-    from runtime.backends import BackendError
-
     with pytest.raises(BackendError, match="choose from auto, levels, split"):
         create_backend(load_bundle(tiny_bundle), "onnxruntime", weights="twice")
 
@@ -137,12 +135,14 @@ def test_bench_speed_prints_the_table(tiny_bundle, tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "speed.py"), str(tiny_bundle), "--vit",
                           str(tmp_path / "vit.onnx"), "--rounds", "2", "--batch-rounds", "1", "--batch", "2",
                           "--images", "3", "--threads", "1", "--data", str(ROOT / "examples" / "images"),
+                          "--ov-weights", "split", "--ov-property", "CPU_RUNTIME_CACHE_CAPACITY=0",
                           "--json", str(tmp_path / "s.json")], capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert out.returncode == 0, out.stderr
     r = json.loads((tmp_path / "s.json").read_text())
     labels = [row["setup"] for row in r["rows"]]
-    assert labels[:4] == ["onnxruntime fp32 (levels)", "onnxruntime fp32 (split)", "openvino f32 (levels)",
-                          "openvino f32 (split)"]
+    assert labels[:4] == ["onnxruntime fp32 (levels)", "onnxruntime fp32 (split)", "openvino f32 (split)",
+                          "openvino f32 (split, CPU_RUNTIME_CACHE_CAPACITY=0)"]
+    assert all(("CPU_RUNTIME" in label) == (i % 2 == 1) for i, label in enumerate(labels[2:]))
     assert "| onnxruntime fp32 (levels) |" in out.stdout
     for row in r["rows"]:
         assert row["mix"]["runs"] == 2 and len(row["exit_costs"]) == 4 and row["expected_mix_ms"] > 0
@@ -164,3 +164,27 @@ def test_openvino_bf16_is_an_explicit_precision_close_to_fp32(tiny_bundle):
     for a, b in zip(embs["f32"], embs["bf16"]):
         cos = np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
         assert cos.min() > 0.98
+
+
+def test_openvino_properties_reach_every_compiled_model(tiny_bundle, monkeypatch):
+    """``properties`` go to the split body and every embedding model (OpenVINO refuses an unknown one); the
+    embeddings do not change."""
+    ov = pytest.importorskip("openvino")
+    bundle = load_bundle(tiny_bundle)
+    configs, compile_model = [], ov.Core.compile_model
+
+    def recording(self, model, device="CPU", config=None):
+        configs.append(dict(config or {}))
+        return compile_model(self, model, device, config)
+
+    monkeypatch.setattr(ov.Core, "compile_model", recording)
+    plain = create_backend(bundle, "openvino", weights="split")
+    lean = create_backend(bundle, "openvino", weights="split", properties={"CPU_RUNTIME_CACHE_CAPACITY": 0})
+    assert len(configs) == 2 * (1 + bundle.num_levels)
+    assert all(("CPU_RUNTIME_CACHE_CAPACITY" in c) == (i >= len(configs) // 2) for i, c in enumerate(configs))
+    assert all(c["PERFORMANCE_HINT"] == "LATENCY" for c in configs)
+    a, b = (Cascade(bundle, backend).run_all_levels(Cascade(bundle, backend).preprocess(IMAGES))
+            for backend in (plain, lean))
+    assert all(np.allclose(x, y, atol=1e-5) for x, y in zip(a, b))
+    with pytest.raises(BackendError, match="cannot compile"):
+        create_backend(bundle, "openvino", properties={"NOT_A_PROPERTY": 1})

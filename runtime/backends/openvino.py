@@ -18,12 +18,17 @@ class OpenVINOBackend:
     split graphs: a small compiled embedding model per level and ONE compiled body (dynamic past length) for every
     level, so that the transformer weights are in memory once; two infer requests of the body alternate by level,
     so a level never reads the tensors its own request is writing. The present tensors of level k are set as level
-    k+1's inputs."""
+    k+1's inputs.
+
+    ``properties``: further OpenVINO properties for every compiled model, applied last (e.g.
+    ``{"CPU_RUNTIME_CACHE_CAPACITY": 0}`` keeps no per-shape kernel cache: less memory for the split body, whose past
+    length changes by level, at some latency; see README)."""
 
     name = "openvino"
 
     def __init__(self, bundle: Bundle, device: str = "CPU", threads: int | None = None,
-                 hint: str = "LATENCY", inference_precision: str | None = None, weights: str = "auto") -> None:
+                 hint: str = "LATENCY", inference_precision: str | None = None, weights: str = "auto",
+                 properties: dict | None = None) -> None:
         if weights not in WEIGHTS:
             raise BackendError(f"openvino weights mode {weights!r}: choose from {', '.join(WEIGHTS)}")
         if weights == "auto":
@@ -39,6 +44,7 @@ class OpenVINOBackend:
             config["INFERENCE_PRECISION_HINT"] = inference_precision or "f32"
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
+        config.update(properties or {})
         try:
             if weights == "split":
                 body = core.compile_model(str(bundle.body_path()), device, config)
