@@ -80,19 +80,23 @@ def absolute_paths(obj) -> list[str]:
     return []
 
 
-@pytest.fixture(scope="module")
-def noise_images(tmp_path_factory) -> list:
-    """Six random-noise 48x40 PNGs as ImageRecords (for teacher-cache and augmentation tests)."""
+def write_noise_images(root, height: int, width: int, seed: int = 0, count: int = 6) -> list:
+    """``count`` random-noise PNGs of height x width in ``root``, as ImageRecords."""
     import numpy as np
     from PIL import Image
 
     from runtime.data import ImageRecord
 
-    root = tmp_path_factory.mktemp("noise_imgs")
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     records = []
-    for i in range(6):
+    for i in range(count):
         path = root / f"{i}.png"
-        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(path)
+        Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(path)
         records.append(ImageRecord(path))
     return records
+
+
+@pytest.fixture(scope="module")
+def noise_images(tmp_path_factory) -> list:
+    """Six random-noise 48x40 PNGs as ImageRecords (for teacher-cache and augmentation tests)."""
+    return write_noise_images(tmp_path_factory.mktemp("noise_imgs"), 40, 48)

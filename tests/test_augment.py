@@ -10,11 +10,12 @@ from PIL import Image
 from model.checkpoint import load_checkpoint
 from model.config import get_preset
 from model.teachers import load_teacher
-from runtime.data import ImageRecord
 from runtime.preprocess import image_to_array
 from train import distill
 from train.augment import Augment
 from train.teacher_cache import pool_map, teacher_targets
+
+from conftest import write_noise_images
 
 TEACHER = "open_clip:ViT-Tiny-Test"
 SPEC = get_preset("waveclip-tiny").preprocessing_spec()
@@ -80,14 +81,7 @@ def test_cached_views_pair_teacher_targets_with_the_students_pixels(images, tmp_
 def large_images(tmp_path_factory):
     """Noise photos 3x the student's 64 px, so the student's view loses detail that the native view keeps (on the
     48 x 40 noise images both views are upsamplings of the same pixels and differ by little)."""
-    root = tmp_path_factory.mktemp("large_noise")
-    rng = np.random.default_rng(1)
-    records = []
-    for i in range(6):
-        path = root / f"{i}.png"
-        Image.fromarray(rng.integers(0, 255, (192, 224, 3), dtype=np.uint8)).save(path)
-        records.append(ImageRecord(path))
-    return records
+    return write_noise_images(tmp_path_factory.mktemp("large_noise"), 192, 224, seed=1)
 
 
 @pytest.mark.parametrize("augment", [None, Augment(2, 0, SPEC)])
