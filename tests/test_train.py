@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from model.checkpoint import load_checkpoint
+from model.checkpoint import load_checkpoint, publish_checkpoint
 from train import distill
 from train.losses import distill_loss, kl_distill, lr_at
 
@@ -95,6 +95,21 @@ def test_resume_adds_steps(data, tmp_path):
     assert distill.main(argv(data, out, "--steps", "5", "--resume")) == 0
     prov = load_checkpoint(out)[1]["provenance"]
     assert prov["steps"] == 5 and prov["images_seen"] == 40
+
+
+def test_init_starts_from_a_published_checkpoint(data, tmp_path, capsys):
+    """--init: the student starts from the checkpoint's weights (its fp16 published form too), with a new optimizer
+    and schedule (--lr 0 keeps them as loaded); a checkpoint of another preset is refused with one line."""
+    a, pub, b = tmp_path / "a.pt", tmp_path / "pub.pt", tmp_path / "b.pt"
+    assert distill.main(argv(data, a, "--steps", "3", "--seed", "5")) == 0
+    publish_checkpoint(a, pub)
+    assert distill.main(argv(data, b, "--steps", "2", "--init", str(pub), "--lr", "0")) == 0
+    src, got = load_checkpoint(pub)[1]["state_dict"], load_checkpoint(b)[1]
+    assert all(torch.equal(src[k].float(), got["state_dict"][k]) for k in src)
+    assert got["provenance"]["init"] == "checkpoint:pub.pt@3" and got["train_state"]["step"] == 2
+    capsys.readouterr()
+    assert distill.main(argv(data, tmp_path / "c.pt", "--steps", "1", "--init", str(pub), "--preset", "waveclip-demo")) == 2
+    assert "--init: " in capsys.readouterr().err and not (tmp_path / "c.pt").exists()
 
 
 def test_bad_input_exits_2_with_one_line(data, tmp_path):

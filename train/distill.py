@@ -39,8 +39,8 @@ from runtime.data import DataError, ImageRecord, load_images, read_image_list, r
 from runtime.preprocess import ImageError
 from runtime.wavelet import images_to_levels
 from train.evaluate import evaluate, head_rows
-from train.setup import (DistillError, choose_labels, init_student, level_weights, param_groups, set_patch_stats,
-                         use_bf16)
+from train.setup import (DistillError, choose_labels, init_from_checkpoint, init_student, level_weights, param_groups,
+                         set_patch_stats, use_bf16)
 from train.augment import Augment
 from train.dense import DenseHead, channel_stats, mirror_grid
 from train.losses import distill_loss, lr_at
@@ -95,6 +95,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--level-weights", help="comma-separated weight per level (default equal)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from --out's train_state")
+    p.add_argument("--init", type=Path, metavar="CKPT",
+                   help="start the student from CKPT's weights (same preset and teacher; e.g. a shipped ckpt.pt) with "
+                        "a new optimizer and schedule (fine-tuning; default --lr %g); its dense head too when CKPT "
+                        "keeps one; --resume still continues --out once it exists" % LR_VIT_INIT)
     p.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps (0: only at the end)")
     p.add_argument("--cache-dir", type=Path, help=f"teacher output cache (default $WAVECLIP_CACHE or {default_cache_dir()})")
     p.add_argument("--threads", type=int, help="torch CPU threads")
@@ -166,6 +170,7 @@ def run(args: argparse.Namespace, stop_after: int | None = None) -> dict:
                                or resume["config"]["name"] != args.preset):
         raise DistillError(f"--resume: {args.out} was not trained with teacher {args.teacher} and preset "
                            f"{args.preset} (or has no train_state)")
+    start = None if resume is not None or args.init is None else read_checkpoint(args.init)  # --init: fail early
 
     spec = base_cfg.preprocessing_spec()  # embed_dim does not change the preprocessing
     arrays, kept, n_skipped = _load_set(args.data, args.split, args.limit, args.seed, spec, "data")
@@ -175,7 +180,9 @@ def run(args: argparse.Namespace, stop_after: int | None = None) -> dict:
     cfg = base_cfg.replace(embed_dim=teacher.embed_dim)
     torch.manual_seed(args.seed)
     model, init = init_student(cfg, teacher, args.preset)
-    if args.patch_norm and resume is None:
+    if start is not None:
+        init = init_from_checkpoint(model, start, args.init, args.teacher, args.preset)
+    elif args.patch_norm and resume is None:
         set_patch_stats(model, arrays, spec)
     labels = choose_labels(args.labels, kept, str(args.data))
     try:
@@ -184,7 +191,7 @@ def run(args: argparse.Namespace, stop_after: int | None = None) -> dict:
         raise DistillError(f"{e} (use --labels imagenet1k or a file of ImageNet wnids/class names)") from None
     weights = level_weights(args.level_weights, cfg.num_levels)
     if args.lr is None:
-        args.lr = LR_SCRATCH if init == "scratch" else LR_VIT_INIT
+        args.lr = LR_SCRATCH if init == "scratch" and args.init is None else LR_VIT_INIT  # --init: also on --resume
 
     digest = records_digest(kept)
     cache_dir = args.cache_dir or default_cache_dir()
@@ -228,6 +235,8 @@ def run(args: argparse.Namespace, stop_after: int | None = None) -> dict:
     if targets.dense is not None and args.dense_weight > 0:
         torch.manual_seed(args.seed)
         dense_head = DenseHead(cfg.width, targets.dense.shape[-1]).to(device).train()
+        if start is not None and "dense_head" in start.get("train_state", {}):
+            dense_head.load_state_dict(start["train_state"]["dense_head"])
         dense_mean, dense_std = (t.to(device) for t in dense_stats)
     bf16 = use_bf16(args.precision, device)
     modules = [model] + ([dense_head] if dense_head is not None else [])

@@ -62,6 +62,21 @@ def init_student(cfg: WaveCLIPConfig, teacher: Teacher, preset: str) -> tuple[Wa
     return model, "scratch"
 
 
+def init_from_checkpoint(model: WaveCLIP, start: dict, path: Path, teacher: str, preset: str) -> str:
+    """Load the student weights of ``start`` (``--init``, read from ``path``; patch statistics included) into
+    ``model``; returns the provenance's ``init``."""
+    if start.get("teacher") != teacher or start["config"].get("name") != preset:
+        raise DistillError(f"--init: {path} was trained with teacher {start.get('teacher')} and preset "
+                           f"{start['config'].get('name')}, not {teacher} and {preset}")
+    try:
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in start["state_dict"].items()})
+    except RuntimeError as e:
+        raise DistillError(f"--init: {path} does not fit the student ({str(e).splitlines()[0][:160]})") from None
+    steps = start.get("provenance", {}).get("steps")
+    print(f"initialised the student from {path} ({steps} steps)", flush=True)
+    return f"checkpoint:{path.name}@{steps}"
+
+
 def level_weights(arg: str | None, levels: int) -> list[float]:
     if arg is None:
         return [1.0 / levels] * levels
