@@ -56,3 +56,16 @@ def test_demo_command_runs():
     assert out.returncode == 0, out.stderr[-2000:]
     assert "validation PASSED" in out.stdout
     assert out.stdout.count("compute saved") == 2
+
+
+def test_example_images_meet_their_selection_rule(capsys):
+    """Every labelled example's class is in the head and the teacher names it on the student's own view (the rule
+    that picked examples/images, bench/demo_images.py); the table has a row per image."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from demo_images import main
+
+    assert main([]) == 0
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and ".jpg" in line]
+    assert sorted(r[0][2:] for r in rows) == sorted(p.name for p in IMAGES)
+    labelled = [r for r in rows if r[1] != "none"]
+    assert len(labelled) == len(rows) - 1 and all(r[1] == r[3] for r in labelled), labelled

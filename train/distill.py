@@ -165,7 +165,7 @@ def run(args: argparse.Namespace, stop_after: int | None = None) -> dict:
         read_image_list(args.eval_data, args.eval_split, args.eval_limit, args.seed)  # fail early
     resume = read_checkpoint(args.out) if args.resume and args.out.exists() else None
     if args.resume and resume is None:
-        print(f"--resume: no checkpoint at {args.out} yet, starting from scratch", flush=True)
+        print(f"--resume: no checkpoint at {args.out} yet, starting from {args.init or 'scratch'}", flush=True)
     if resume is not None and ("train_state" not in resume or resume["teacher"] != args.teacher
                                or resume["config"]["name"] != args.preset):
         raise DistillError(f"--resume: {args.out} was not trained with teacher {args.teacher} and preset "
