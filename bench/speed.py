@@ -50,6 +50,7 @@ class Setup:
     vit: str  # ViT ONNX/IR path
     vit_precision: str
     vit_hint: str | None
+    vit_spinning: bool = True  # ONNX Runtime: the ViT's workers spin within a run as the cascade's do
     times: dict[str, list[float]] = field(default_factory=dict)
 
 
@@ -64,8 +65,9 @@ def cpu_has_bf16() -> bool:
 
 def setups(bundles: list[Bundle], images: np.ndarray, threads: int, ort_weights: list[str],
            log: Callable[[str], None], vit_spec: str = "auto", ov_weights: tuple[str, ...] = ("levels",),
-           ov_properties: dict | None = None) -> list[Setup]:
-    """Every setup to time; with ``ov_properties`` each OpenVINO setup is timed once more with those properties."""
+           ov_properties: dict | None = None, ort_spinning: tuple[str, ...] = ("on",)) -> list[Setup]:
+    """Every setup to time; with ``ov_properties`` each OpenVINO setup is timed once more with those properties;
+    each ONNX Runtime setup once per ``ort_spinning`` value (on: workers spin within a run, the default; off)."""
     from devices.baseline import quantized_baseline, resolve_baseline
 
     vit = resolve_baseline(vit_spec, log).path
@@ -91,6 +93,8 @@ def setups(bundles: list[Bundle], images: np.ndarray, threads: int, ort_weights:
             for w in ort_weights if target == "onnxruntime" else ov_weights:
                 if w != "split" or b.has_split:
                     out.append(Setup(f"{target} {prec} ({w})", str(b.path), target, {"weights": w}, qvit, prec, None))
+    out = [v for s in out for v in ([s] if s.backend != "onnxruntime" else
+                                    [_with_spinning(s, spin, len(ort_spinning) > 1) for spin in ort_spinning])]
     if ov_properties:
         extra = ", ".join(f"{k}={v}" for k, v in ov_properties.items())
         out = [v for s in out for v in ([s] if s.backend != "openvino" else
@@ -98,6 +102,13 @@ def setups(bundles: list[Bundle], images: np.ndarray, threads: int, ort_weights:
                                                   {**s.options, "properties": ov_properties}, s.vit,
                                                   s.vit_precision, s.vit_hint)])]
     return out
+
+
+def _with_spinning(s: Setup, spin: str, show: bool) -> Setup:
+    """An ONNX Runtime setup, cascade and ViT, with worker spinning ``on`` (within a run) or ``off``."""
+    label = f"{s.label[:-1]}, spinning {spin})" if show else s.label
+    return Setup(label, s.bundle, s.backend, {**s.options, "spinning": spin == "on"}, s.vit, s.vit_precision,
+                 s.vit_hint, spin == "on")
 
 
 def build(s: Setup, threads: int):
@@ -112,7 +123,7 @@ def build(s: Setup, threads: int):
         opts["providers"] = ["CPUExecutionProvider"]
     cascade = Cascade(bundle, create_backend(bundle, s.backend, **opts), thresholds=2.0)
     timer = OnnxTimer(s.vit, s.backend, "CPUExecutionProvider" if s.backend == "onnxruntime" else "CPU", threads,
-                      s.vit_precision, s.vit_hint)
+                      s.vit_precision, s.vit_hint, s.vit_spinning)
     return cascade, timer
 
 
@@ -135,7 +146,7 @@ def probe_memory(spec: dict) -> dict:
         from devices.baseline import OnnxTimer
 
         timer = OnnxTimer(s.vit, s.backend, "CPUExecutionProvider" if s.backend == "onnxruntime" else "CPU",
-                          spec["threads"], s.vit_precision, s.vit_hint)
+                          spec["threads"], s.vit_precision, s.vit_hint, s.vit_spinning)
         timer.run(timer.feed(1, images[:1]))
     else:
         from runtime.backends import create_backend
@@ -192,8 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ort-weights", default="levels,split",
                    help="ONNX Runtime weights modes to time, of levels, split (runtime.backends.ort; default "
                         "levels,split; split needs the bundle's split graphs)")
+    p.add_argument("--ort-spinning", default="on",
+                   help="ONNX Runtime worker spinning to time, cascade and ViT alike, of on (within a run, never "
+                        "between runs: the backend's default), off (default on)")
     p.add_argument("--ov-weights", default="levels,split",
-                   help="OpenVINO weights modes to time, of levels, split (default levels,split)")
+                   help="OpenVINO weights modes to time, of levels, split, or none (default levels,split)")
     p.add_argument("--ov-property", type=key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="time every OpenVINO row once more with this property (repeatable), e.g. "
                         "CPU_RUNTIME_CACHE_CAPACITY=0")
@@ -212,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.bundles:
         p.error("give at least one bundle")
+    spinning = tuple(args.ort_spinning.split(","))
+    if not set(spinning) <= {"on", "off"}:
+        p.error(f"--ort-spinning {args.ort_spinning!r}: a comma list of on, off")
     log = lambda s: print(s, file=sys.stderr)  # noqa: E731
     try:
         from tqdm import tqdm
@@ -235,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = exit_plan(mix, 10 * args.rounds)  # 10 images per round; over all rounds the counts follow the mix
     batch_plan = exit_plan(mix, args.batch * 5)
     run = setups(bundles, images, args.threads, args.ort_weights.split(","), log, args.vit,
-                 tuple(args.ov_weights.split(",")), dict(args.ov_property))
+                 tuple(w for w in args.ov_weights.split(",") if w != "none"), dict(args.ov_property), spinning)
     images_file = str(Path(os.environ.get("TMPDIR", "/tmp")) / f"speed-images-{os.getpid()}.npy")
     np.save(images_file, images)
 
@@ -251,8 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     for s in run:
         log(f"loading {s.label} ...")
         cascade, timer = build(s, args.threads)
-        key = (s.backend, s.vit, s.vit_precision, s.vit_hint)
-        if key not in vits:  # one ViT row per backend and precision
+        key = (s.backend, s.vit, s.vit_precision, s.vit_hint, s.vit_spinning)
+        if key not in vits:  # one ViT row per backend, precision and spinning
             vits[key] = s.label
             x1, xb = timer.feed(1, images), timer.feed(args.batch, images)
             items[f"{s.label}|vit"] = lambda t=timer, x=x1: t.run(x)

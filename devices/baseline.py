@@ -166,19 +166,20 @@ class OnnxTimer:
     """Runs one single-input ONNX graph with the profile's backend: ``run(batch)`` times one inference."""
 
     def __init__(self, path: str | os.PathLike, backend: str, provider: str, threads: int | None,
-                 precision: str = "fp32", inference_precision: str | None = None) -> None:
+                 precision: str = "fp32", inference_precision: str | None = None, spinning: bool = True) -> None:
         self.path = Path(path)
         self.backend = backend
         if backend == "onnxruntime":
             import onnxruntime as ort
+
+            from runtime.backends.ort import set_spinning
 
             opts = ort.SessionOptions()
             if threads:
                 opts.intra_op_num_threads = threads
                 opts.inter_op_num_threads = 1
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            # as the bundle's backend: idle workers that spin would take the cores from whatever runs next
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            set_spinning(opts, spinning)  # as the bundle's backend: workers spin within a run, never between runs
             opts.log_severity_level = 3
             providers = [provider] + (["CPUExecutionProvider"] if provider != "CPUExecutionProvider" else [])
             try:

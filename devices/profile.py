@@ -163,7 +163,7 @@ def profile_bundle(args: argparse.Namespace, log: Callable[[str], None] = lambda
                   "always_full": batch_throughput(full, images, batch, spec, runs, args.warmup,
                                                   f"always-full b{batch}", progress)}
     vit = vit_baseline(args.baseline, profile, threads or None, images, batch, runs, args.warmup, progress, log,
-                       bundle, args.inference_precision)
+                       bundle, args.inference_precision, getattr(gated.backend, "spinning", True))
     if not vit["skipped"]:
         throughput["vit_b16"] = vit["batch_b"]
 

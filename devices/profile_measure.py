@@ -163,9 +163,10 @@ def batch_throughput(cascade: Cascade, images: np.ndarray, batch: int, spec: dic
 
 def vit_baseline(spec: str, profile: DeviceProfile, threads: int | None, images: np.ndarray, batch: int, runs: int,
                  warmup: int, progress: Progress, log: Callable[[str], None], bundle: Bundle | None = None,
-                 inference_precision: str | None = None) -> dict:
+                 inference_precision: str | None = None, spinning: bool = True) -> dict:
     """ViT-B-16 (or a given single-input ONNX graph) at batch 1 and ``batch`` with the same backend, threads and
-    precision as the bundle: an int8 bundle's baseline is ViT-B-16 quantized the same way (``auto`` only)."""
+    precision as the bundle (ONNX Runtime workers spin within a run as the cascade's do): an int8 bundle's baseline is
+    ViT-B-16 quantized the same way (``auto`` only)."""
     choice = resolve_baseline(spec, log)
     precision = bundle.manifest.get("precision", "fp32") if bundle is not None else profile.precision
     if spec == "auto" and choice.path is not None and precision == "int8":
@@ -189,7 +190,7 @@ def vit_baseline(spec: str, profile: DeviceProfile, threads: int | None, images:
         out["gflops"] = None
     try:
         timer = OnnxTimer(choice.path, profile.backend, profile.execution_provider, threads, precision,
-                          inference_precision)
+                          inference_precision, spinning)
     except BaselineError as e:
         if profile.backend == "tensorrt":
             return {**out, "skipped": True, "note": str(e)}

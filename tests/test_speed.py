@@ -51,7 +51,7 @@ def test_blas_is_single_threaded_while_a_cascade_runs(tiny_bundle, backend):
         wrapped = RecordingBackend(create_backend(load_bundle(tiny_bundle), backend))
         cascade = Cascade(tiny_bundle, wrapped, thresholds=0.5)
         levels = cascade.preprocess(IMAGES)
-        cascade.classify_levels(levels, exit_levels=[0, 1, 2, 3][:len(IMAGES)])
+        cascade.classify_levels(levels, exit_levels=np.arange(len(IMAGES)) % 4)
         cascade.run_all_levels(levels)
         assert wrapped.seen and all(set(t) == {1} for t in wrapped.seen)
         assert set(blas_threads()) == {2}
@@ -113,6 +113,20 @@ def test_onnxruntime_weights_modes_agree(tiny_bundle, bundle_name):
             np.testing.assert_allclose(a, b, atol=atol)
         else:  # int8: the shared body has its own calibration (ranges over every level's inputs)
             assert (a * b).sum(1).min() > 0.98
+
+
+@pytest.mark.parametrize("weights", ["levels", "split"])
+def test_workers_spin_within_a_run_and_stop_between_runs(tiny_bundle, weights):
+    """ONNX Runtime workers: spinning within a run (by default) but forced to stop when it returns, on every session,
+    so no idle session spins against the running one or the host work between levels; spinning=False: never."""
+    bundle = load_bundle(tiny_bundle)
+    for spinning, allowed in ((None, "1"), (True, "1"), (False, "0")):
+        kw = {} if spinning is None else {"spinning": spinning}
+        be = create_backend(bundle, "onnxruntime", providers=["CPUExecutionProvider"], threads=2, weights=weights, **kw)
+        for session in be.sessions + be.embeds:
+            opts = session.get_session_options()
+            assert opts.get_session_config_entry("session.intra_op.allow_spinning") == allowed
+            assert opts.get_session_config_entry("session.force_spinning_stop") == "1"
 
 
 def test_unknown_weights_mode_is_refused(tiny_bundle):

@@ -20,6 +20,14 @@ def default_providers() -> list[str]:
 WEIGHTS = ("auto", "levels", "split")
 
 
+def set_spinning(opts: ort.SessionOptions, spinning: bool) -> None:
+    """``spinning``: worker threads spin while a run lasts (the next kernel starts at once) and stop when it returns
+    (``session.force_spinning_stop``), so an idle session never takes the cores from the one that runs nor from the
+    host work between levels; else they never spin (each kernel wakes them)."""
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    opts.add_session_config_entry("session.force_spinning_stop", "1")
+
+
 class OnnxRuntimeBackend:
     """The bundle's level graphs in ONNX Runtime; ``weights`` says how they hold the weights in memory (``auto``,
     the default: ``split`` when the bundle has its split graphs, else ``levels``):
@@ -37,7 +45,7 @@ class OnnxRuntimeBackend:
     name = "onnxruntime"
 
     def __init__(self, bundle: Bundle, providers: list[str] | None = None, threads: int | None = None,
-                 io_binding: bool = True, graph_optimization: bool = True, spinning: bool = False,
+                 io_binding: bool = True, graph_optimization: bool = True, spinning: bool = True,
                  weights: str = "auto") -> None:
         if weights not in WEIGHTS:
             raise BackendError(f"onnxruntime weights mode {weights!r}: choose from {', '.join(WEIGHTS)}")
@@ -47,6 +55,7 @@ class OnnxRuntimeBackend:
         self.providers = providers or default_providers()
         self.io_binding = io_binding
         self.weights = weights
+        self.spinning = spinning
         self._empty_past: dict[int, list] = {}
 
         def options() -> ort.SessionOptions:
@@ -57,8 +66,7 @@ class OnnxRuntimeBackend:
             opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if graph_optimization
                                              else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
             opts.log_severity_level = 3
-            # One session per level: spinning worker threads of idle sessions would fight the running one.
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+            set_spinning(opts, spinning)
             return opts
 
         try:
