@@ -15,8 +15,6 @@ import csv
 import sys
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from runtime.cascade import Cascade  # noqa: E402
@@ -31,13 +29,13 @@ def teacher_labels(spec: str, class_names: list[str], labels: list[str], paths: 
     from PIL import Image
 
     from model.teachers import load_teacher
-    from train.teacher_cache import _teacher_input
+    from train.teacher_cache import teacher_input
 
     teacher = load_teacher(spec)
     head = teacher.head(labels)
     images = [Image.open(p).convert("RGB") for p in paths]
     with torch.no_grad():
-        native, student = (head.logits(teacher.encode_image(_teacher_input(teacher, images, view))).argmax(1)
+        native, student = (head.logits(teacher.encode_image(teacher_input(teacher, images, view))).argmax(1)
                            for view in (None, student_view))
     return [class_names[i] for i in native.tolist()], [class_names[i] for i in student.tolist()]
 
@@ -59,8 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     paths = [args.labels.parent / r["file"] for r in rows]
     native, student_view = teacher_labels(args.teacher, bundle.class_names, bundle.labels, paths,
                                           bundle.manifest["preprocessing"])
-    per_level = [Cascade(bundle, backend=cascade.backend, thresholds=1.01, max_level=k).classify(paths)
-                 for k in range(bundle.num_levels)]
+    per_level = [cascade.probabilities(e).argmax(1) for e in cascade.run_all_levels(cascade.preprocess(paths))]
     gated = cascade.classify(paths)
     print("| image | class (in head?) | teacher on the file | teacher on the student's view | student L0 / ... / L"
           f"{bundle.num_levels - 1} | cascade (exit level) |")
@@ -69,13 +66,13 @@ def main(argv: list[str] | None = None) -> int:
     for i, (row, path) in enumerate(zip(rows, paths)):
         truth = name_of.get(row["wnid"], "")
         shown = truth or (f"{row['wnid']} (not in head)" if row["wnid"] else "none")
-        levels = " / ".join(r[i].class_name for r in per_level)
+        levels = " / ".join(bundle.class_names[top[i]] for top in per_level)
         print(f"| {path.name} | {shown} | {native[i]} | {student_view[i]} | {levels} | "
               f"{gated[i].class_name} ({gated[i].exit_level}) |")
         if truth and student_view[i] == truth:
             right.append(gated[i].class_name == truth)
     print(f"\nimages whose class is in the head and that the teacher names on the student's view: {len(right)}; "
-          f"the cascade names {int(np.sum(right))} of them")
+          f"the cascade names {sum(right)} of them")
     return 0
 
 

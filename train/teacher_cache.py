@@ -88,7 +88,7 @@ def pool_map(fmap: torch.Tensor, grid: int) -> torch.Tensor:
     return F.adaptive_avg_pool2d(fmap.float(), grid).flatten(2).transpose(1, 2)
 
 
-def _teacher_input(teacher: Teacher, images: list[Image.Image], student_view: dict | None) -> torch.Tensor:
+def teacher_input(teacher: Teacher, images: list[Image.Image], student_view: dict | None) -> torch.Tensor:
     """The teacher's pixels: the student's square view resized whole (``student_view``: the student's spec; images
     already in it pass unchanged), else the file through the teacher's own preprocessing."""
     if student_view is None:
@@ -107,7 +107,7 @@ def _encode(teacher: Teacher, encoder: Encoder, records: Sequence[ImageRecord], 
             images = [Image.fromarray(a) for a in arrays]
     elif views == 2:
         images += [ImageOps.mirror(im) for im in images]
-    emb, fmap = encoder(_teacher_input(teacher, images, student_view))
+    emb, fmap = encoder(teacher_input(teacher, images, student_view))
     out = {"emb": emb.float().cpu().reshape(views, len(records), -1).transpose(0, 1).half()}
     if augment is not None:
         pixels = torch.from_numpy(np.stack(arrays))
@@ -153,7 +153,7 @@ def teacher_targets(teacher: Teacher, records: Sequence[ImageRecord], cache_dir:
         if chunk is None:
             t0 = time.perf_counter()
             if encoder is None:
-                sample = _teacher_input(teacher, [load_image(r.path) for r in part[:2]], student_view)
+                sample = teacher_input(teacher, [load_image(r.path) for r in part[:2]], student_view)
                 encoder, backend = onnx_encoder(teacher, sample, torch.get_num_threads())
             pieces = []
             for i in range(0, len(part), batch_size):
