@@ -89,6 +89,21 @@ def test_same_seed_same_weights_and_exact_resume(data, tmp_path):
     assert all(torch.equal(sa[k], ckpt["state_dict"][k]) for k in sa)
 
 
+def test_cutmix_changes_the_batches_and_resumes_exactly(data, tmp_path):
+    plain, mixed, resumed = (tmp_path / f"{n}.pt" for n in ("plain", "mixed", "resumed"))
+    assert distill.main(argv(data, plain, "--steps", "3", "--seed", "3")) == 0
+    assert distill.main(argv(data, mixed, "--steps", "3", "--seed", "3", "--cutmix", "1")) == 0
+    distill.run(distill.parse_args(argv(data, resumed, "--steps", "3", "--seed", "3", "--cutmix", "1")), stop_after=1)
+    assert distill.main(argv(data, resumed, "--steps", "3", "--seed", "3", "--cutmix", "1", "--resume")) == 0
+    (_, p), (_, m), (_, r) = (load_checkpoint(x) for x in (plain, mixed, resumed))
+    assert m["provenance"]["cutmix"] == 1 and p["provenance"]["cutmix"] == 0
+    assert not all(torch.equal(p["state_dict"][k], m["state_dict"][k]) for k in p["state_dict"])
+    assert all(torch.equal(m["state_dict"][k], r["state_dict"][k]) for k in m["state_dict"])
+    with pytest.raises(SystemExit) as exc:
+        distill.parse_args(argv(data, tmp_path / "bad.pt", "--cutmix", "1.5"))
+    assert exc.value.code == 2 and not (tmp_path / "bad.pt").exists()
+
+
 def test_resume_adds_steps(data, tmp_path):
     out = tmp_path / "r.pt"
     assert distill.main(argv(data, out, "--steps", "2")) == 0

@@ -8,7 +8,8 @@ softmax at temperature T) through a teacher head (default: all 1000 ImageNet cla
 cosine distance of the level's patch tokens to the teacher's feature map at their grid cell (``train.dense``).
 Teacher outputs are cached on disk (``--teacher-views 1``: the image only, its mirror reuses them with the map's
 columns reversed; 2: the mirror is run too); ``--aug-views K`` adds K cached random-resized, colour-jittered
-views per image (``train.augment``), each step drawing the plain image or one of them; student inputs come from
+views per image (``train.augment``), each step drawing the plain image or one of them; ``--cutmix P`` pastes
+token-aligned boxes between images with mixed cached targets (``train.mix``); student inputs come from
 ``runtime.preprocess`` / ``runtime.wavelet``, the code the device runs. ``--teacher-view student`` (the default) shows
 the teacher those same pixels, resized to its input. ``--precision auto`` trains under bf16 autocast where the CPU
 (AVX512-BF16/AMX) or GPU has native bf16, else fp32.
@@ -44,6 +45,7 @@ from train.setup import (DistillError, choose_labels, init_from_checkpoint, init
 from train.augment import Augment
 from train.dense import DenseHead, channel_stats, mirror_grid
 from train.losses import distill_loss, lr_at
+from train.mix import cutmix
 from train.teacher_cache import TeacherTargets, default_cache_dir, teacher_embeddings, teacher_targets
 
 LR_SCRATCH, LR_VIT_INIT = 2e-3, 1e-4  # default peak learning rates
@@ -88,6 +90,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="augmented views per image (random-resized crop + colour jitter), teacher-run once and cached; "
                         "each step draws the plain image or one of them (0: the plain image only; needs "
                         "--teacher-views 1)")
+    p.add_argument("--cutmix", type=float, default=0.0, metavar="P",
+                   help="paste a box of whole token cells from another image of the batch into a share P of the "
+                        "samples, with area-mixed teacher targets (train.mix; 0: off)")
     p.add_argument("--no-patch-norm", dest="patch_norm", action="store_false",
                    help="do not standardise each level's patch values by the data's statistics")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
@@ -116,6 +121,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 0")
     if args.temperature <= 0:
         p.error("--temperature must be > 0")
+    if not 0 <= args.cutmix <= 1:
+        p.error("--cutmix must be in [0, 1]")
     if args.aug_views and args.teacher_views == 2:
         p.error("--aug-views needs --teacher-views 1 (augmented views reuse the mirror)")
     return args
@@ -274,7 +281,7 @@ def run(args: argparse.Namespace, stop_after: int | None = None) -> dict:
                      "skipped": n_skipped, "digest": digest},
             "labels": {"source": args.labels or "default", "count": len(labels)},
             "teacher_cache": {k: tstats[k] for k in ("key", "computed", "seconds", "images_per_s")},
-            "aug_views": args.aug_views,
+            "aug_views": args.aug_views, "cutmix": args.cutmix,
             "aug_cache": None if astats is None else {k: astats[k] for k in ("key", "computed", "seconds", "images_per_s")},
             "steps": step, "epochs": round(step * bsz / n, 3), "batch_size": bsz, "lr": args.lr,
             "weight_decay": args.weight_decay, "warmup": warmup, "kl_weight": args.kl_weight,
@@ -313,20 +320,22 @@ def run(args: argparse.Namespace, stop_after: int | None = None) -> dict:
             idx, flips, views = batch_at(step, n, bsz, args.seed, 1 + args.aug_views)
             x = arrays[idx] if pixels is None else pixels[idx, views]
             x[flips] = x[flips, :, ::-1]
-            patches = [torch.from_numpy(p).to(device) for p in images_to_levels(x, spec)]
             view = torch.from_numpy(flips.astype(np.int64) if args.teacher_views == 2 else views)
-            target = temb[torch.from_numpy(idx), view].float().to(device)
+            target, dense_target = temb[torch.from_numpy(idx), view].float(), None
+            if dense_head is not None:
+                dense_target = targets.dense[torch.from_numpy(idx), view].float()
+                if args.teacher_views == 1 and flips.any():
+                    dense_target[flips] = mirror_grid(dense_target[flips], cfg.grid)
+            x, target, dense_target = cutmix(x, target, dense_target, cfg.grid, args.cutmix, args.seed, step)
+            patches = [torch.from_numpy(p).to(device) for p in images_to_levels(x, spec)]
+            target = target.to(device)
+            if dense_target is not None:
+                dense_target = (dense_target.to(device) - dense_mean) / dense_std
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, total, args.lr, warmup)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 embs, tokens = model(patches, return_tokens=True)
                 dense_pred = None if dense_head is None else [dense_head(t) for t in tokens]
-            dense_target = None
-            if dense_head is not None:
-                dense_target = targets.dense[torch.from_numpy(idx), view].float()
-                if args.teacher_views == 1 and flips.any():
-                    dense_target[flips] = mirror_grid(dense_target[flips], cfg.grid)
-                dense_target = (dense_target.to(device) - dense_mean) / dense_std
             parts = distill_loss([e.float() for e in embs], target, weights, kl_head.logits, args.kl_weight,
                                  args.temperature, dense_pred, dense_target, args.dense_weight)
             opt.zero_grad(set_to_none=True)
