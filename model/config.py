@@ -27,6 +27,7 @@ class WaveCLIPConfig:
     heads: int = 12
     mlp_ratio: float = 4.0
     embed_dim: int = 512
+    patch_hidden: int = 0  # hidden width of a two-layer (GELU) patch embedding per level; 0: one linear layer
     channels: int = 3
     wavelet: str = "haar"
     name: str = "custom"
@@ -39,6 +40,9 @@ class WaveCLIPConfig:
         if not isinstance(self.mlp_ratio, (int, float)) or isinstance(self.mlp_ratio, bool) \
                 or not 0 < self.mlp_ratio <= 64:
             raise ValueError(f"mlp_ratio must be a number in (0, 64], got {self.mlp_ratio!r}")
+        if not isinstance(self.patch_hidden, int) or isinstance(self.patch_hidden, bool) \
+                or not 0 <= self.patch_hidden <= _INT_LIMITS["width"]:
+            raise ValueError(f"patch_hidden must be an integer in 0..{_INT_LIMITS['width']}, got {self.patch_hidden!r}")
         if not isinstance(self.name, str):
             raise ValueError(f"name must be a string, got {self.name!r}")
         if self.width % self.heads:
@@ -104,7 +108,9 @@ class WaveCLIPConfig:
         s = self.past_length(level) + t
         mlp = int(w * self.mlp_ratio)
         per_layer = 2 * t * w * 3 * w + 2 * 2 * t * s * w + 2 * t * w * w + 2 * 2 * t * w * mlp
-        flops = 2 * self.patches_per_level * self.patch_dim(level) * w + self.layers * per_layer + 2 * w * self.embed_dim
+        d, h = self.patch_dim(level), self.patch_hidden
+        embed = 2 * self.patches_per_level * (d * h + h * w if h else d * w)
+        flops = embed + self.layers * per_layer + 2 * w * self.embed_dim
         return flops / 1e9
 
     def cumulative_gflops(self, level: int) -> float:

@@ -67,6 +67,13 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x)), present
 
 
+def patch_embedding(values: int, hidden: int, width: int) -> nn.Module:
+    """A level's patch embedding: linear (``hidden`` 0), or Linear -> GELU -> Linear through ``hidden`` units."""
+    if not hidden:
+        return nn.Linear(values, width)
+    return nn.Sequential(nn.Linear(values, hidden), nn.GELU(), nn.Linear(hidden, width))
+
+
 class WaveCLIP(nn.Module):
     """WaveCLIP image tower.
 
@@ -80,7 +87,7 @@ class WaveCLIP(nn.Module):
         super().__init__()
         self.config = config
         w, n = config.width, config.num_levels
-        self.patch_embed = nn.ModuleList(nn.Linear(config.patch_dim(k), w) for k in range(n))
+        self.patch_embed = nn.ModuleList(patch_embedding(config.patch_dim(k), config.patch_hidden, w) for k in range(n))
         for k in range(n):  # fixed input standardisation per level and value (identity unless set from data)
             self.register_buffer(f"patch_shift_{k}", torch.zeros(config.patch_dim(k)))
             self.register_buffer(f"patch_scale_{k}", torch.ones(config.patch_dim(k)))

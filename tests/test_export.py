@@ -260,3 +260,16 @@ def test_b16_random_init_export(tmp_path):
     result = json.loads((out / "validation.json").read_text())
     assert result["passed"] and len(result["levels"]) == 4
     assert sum(p.stat().st_size for p in out.iterdir()) < 1.5 * param_bytes(ckpt)
+
+
+def test_two_layer_patch_embedding_exports_and_validates(tmp_path):
+    torch.manual_seed(0)
+    cfg = get_preset("waveclip-tiny").replace(patch_hidden=24)
+    head = {"class_names": [f"class {i}" for i in range(4)], "labels": [f"n{i:08d}" for i in range(4)],
+            "weight": torch.nn.functional.normalize(torch.randn(4, cfg.embed_dim), dim=-1), "bias": torch.zeros(4),
+            "logit_scale": 100.0}
+    save_checkpoint(tmp_path / "c.pt", WaveCLIP(cfg), head, teacher="random-init")
+    assert export(tmp_path / "c.pt", tmp_path / "bundle") == 0
+    manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
+    assert manifest["model"]["patch_hidden"] == 24
+    validate_manifest(manifest)

@@ -144,3 +144,30 @@ def test_published_checkpoint_is_half_and_loads_as_fp32(tmp_path):
     p = random_levels(cfg)
     with torch.no_grad():
         assert (model(p)[3] - loaded(p)[3]).abs().max() < 1e-2
+
+
+def test_two_layer_patch_embedding(tmp_path):
+    """patch_hidden: the cache identity, the analytic FLOPs and the checkpoint round trip hold for it too."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    cfg = get_preset("waveclip-tiny").replace(patch_hidden=24)
+    model = WaveCLIP(cfg).eval()
+    assert isinstance(model.patch_embed[3], torch.nn.Sequential) and model.patch_embed[3][0].out_features == 24
+    patches = random_levels(cfg)
+    with torch.no_grad():
+        full, cascade = model(patches), model.forward_cascade(patches)
+        assert all((a - b).abs().max().item() <= 1e-5 for a, b in zip(full, cascade))
+        past, single = None, random_levels(cfg, batch=1)
+        for k in range(cfg.num_levels):
+            with FlopCounterMode(display=False) as counter:
+                _, past = model.forward_level(k, single[k], past)
+            assert abs(counter.get_total_flops() / 1e9 - cfg.level_gflops(k)) / cfg.level_gflops(k) < 0.02, k
+    assert cfg.level_gflops(3) != get_preset("waveclip-tiny").level_gflops(3)
+    save_checkpoint(tmp_path / "c.pt", model, _head(), teacher="t")
+    loaded, _ = load_checkpoint(tmp_path / "c.pt")
+    assert loaded.config.patch_hidden == 24
+    with torch.no_grad():
+        assert torch.equal(model(patches)[3], loaded(patches)[3])
+    with pytest.raises(ValueError, match="patch_hidden"):
+        cfg.replace(patch_hidden=-1)

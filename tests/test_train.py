@@ -99,6 +99,10 @@ def test_cutmix_changes_the_batches_and_resumes_exactly(data, tmp_path):
     assert m["provenance"]["cutmix"] == 1 and p["provenance"]["cutmix"] == 0
     assert not all(torch.equal(p["state_dict"][k], m["state_dict"][k]) for k in p["state_dict"])
     assert all(torch.equal(m["state_dict"][k], r["state_dict"][k]) for k in m["state_dict"])
+    assert distill.main(argv(data, mixed, "--steps", "4", "--resume", "--patch-hidden", "8")) == 2  # other layout
+    hidden = tmp_path / "hidden.pt"
+    assert distill.main(argv(data, hidden, "--steps", "1", "--patch-hidden", "8")) == 0
+    assert load_checkpoint(hidden)[0].config.patch_hidden == 8
     with pytest.raises(SystemExit) as exc:
         distill.parse_args(argv(data, tmp_path / "bad.pt", "--cutmix", "1.5"))
     assert exc.value.code == 2 and not (tmp_path / "bad.pt").exists()

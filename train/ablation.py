@@ -1,7 +1,7 @@
 """Ablation of the distillation recipe: each lever switched on in turn, same data, steps, seed and held-out images.
 
     python -m train.ablation [--work out/demo-work] [--steps 300] [--eval-limit 1000]
-        [--variants baseline,kl1000,dense,dense_kl1000,native_view,default,fp32]
+        [--variants baseline,kl1000,dense,dense_kl1000,native_view,default,patch_mlp,fp32]
 
 Runs ``train.distill`` once per variant on the demo recipe's distillation list (``train.recipe_demo`` writes it),
 evaluates per-level cosine and top-1 on 1,000 images (``--eval-limit``) of the held-apart ``calib`` split (never
@@ -31,6 +31,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "native_view": ("+ dense + 1000-class KL + per-level patch standardisation, teacher on the full-resolution file",
                     NATIVE),
     "default": ("+ the teacher seeing the student's exact pixels (--teacher-view student; the default)", []),
+    "patch_mlp": ("+ a two-layer patch embedding (Linear, GELU, Linear through 384 units) at every level",
+                  ["--patch-hidden", "384"]),
     "fp32": ("the default in fp32 (speed reference)", ["--precision", "fp32"]),
 }
 

@@ -33,7 +33,7 @@ import torch
 from tqdm import tqdm
 
 from model.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
-from model.config import get_preset
+from model.config import WaveCLIPConfig, get_preset
 from model.teachers import Head, Teacher, TeacherError, imagenet_classes, load_teacher
 from model.waveclip import WaveCLIP
 from runtime.data import DataError, ImageRecord, load_images, read_image_list, records_digest
@@ -93,6 +93,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cutmix", type=float, default=0.0, metavar="P",
                    help="paste a box of whole token cells from another image of the batch into a share P of the "
                         "samples, with area-mixed teacher targets (train.mix; 0: off)")
+    p.add_argument("--patch-hidden", type=int, metavar="H",
+                   help="two-layer (GELU) patch embedding with H hidden units instead of the preset's (0: linear)")
     p.add_argument("--no-patch-norm", dest="patch_norm", action="store_false",
                    help="do not standardise each level's patch values by the data's statistics")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
@@ -166,6 +168,8 @@ def run(args: argparse.Namespace, stop_after: int | None = None) -> dict:
         torch.set_num_threads(args.threads)
     try:
         base_cfg = get_preset(args.preset)
+        if args.patch_hidden is not None:
+            base_cfg = base_cfg.replace(patch_hidden=args.patch_hidden)
     except ValueError as e:
         raise DistillError(str(e)) from None
     if args.eval_data:
@@ -185,6 +189,8 @@ def run(args: argparse.Namespace, stop_after: int | None = None) -> dict:
     torch.manual_seed(args.seed)
     teacher = load_teacher(args.teacher, args.device)
     cfg = base_cfg.replace(embed_dim=teacher.embed_dim)
+    if resume is not None and WaveCLIPConfig.from_dict(resume["config"]) != cfg:
+        raise DistillError(f"--resume: {args.out} holds another student layout (e.g. --patch-hidden) than asked")
     torch.manual_seed(args.seed)
     model, init = init_student(cfg, teacher, args.preset)
     if start is not None:
