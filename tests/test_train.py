@@ -129,6 +129,17 @@ def test_init_starts_from_a_published_checkpoint(data, tmp_path, capsys):
     capsys.readouterr()
     assert distill.main(argv(data, tmp_path / "c.pt", "--steps", "1", "--init", str(pub), "--preset", "waveclip-demo")) == 2
     assert "--init: " in capsys.readouterr().err and not (tmp_path / "c.pt").exists()
+    # a linear patch embedding grows into a two-layer one of 2 x width units with the same function
+    grown = tmp_path / "grown.pt"
+    assert distill.main(argv(data, grown, "--steps", "1", "--init", str(pub), "--lr", "0", "--patch-hidden", "128")) == 0
+    (old, _), (new, ckpt) = load_checkpoint(pub), load_checkpoint(grown)
+    assert new.config.patch_hidden == 128 and ckpt["provenance"]["init"] == "checkpoint:pub.pt@3"
+    g = torch.Generator().manual_seed(0)
+    levels = [torch.randn(3, old.config.patches_per_level, old.config.patch_dim(k), generator=g)
+              for k in range(old.config.num_levels)]
+    with torch.no_grad():
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(old(levels), new(levels)))
+    assert distill.main(argv(data, tmp_path / "d.pt", "--steps", "1", "--init", str(pub), "--patch-hidden", "100")) == 2
 
 
 def test_bad_input_exits_2_with_one_line(data, tmp_path):

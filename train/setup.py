@@ -6,10 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from model.config import WaveCLIPConfig
 from model.teachers import imagenet_classes, Teacher
-from model.waveclip import WaveCLIP
+from model.waveclip import WaveCLIP, linear_as_gelu_mlp
 from runtime.data import ImageRecord
 from runtime.wavelet import images_to_levels
 
@@ -68,12 +69,22 @@ def init_from_checkpoint(model: WaveCLIP, start: dict, path: Path, teacher: str,
     if start.get("teacher") != teacher or start["config"].get("name") != preset:
         raise DistillError(f"--init: {path} was trained with teacher {start.get('teacher')} and preset "
                            f"{start['config'].get('name')}, not {teacher} and {preset}")
+    state = {k: v.float() if v.is_floating_point() else v for k, v in start["state_dict"].items()}
+    grow = not start["config"].get("patch_hidden") and model.config.patch_hidden  # linear -> two-layer embedding
+    linear = {k: state.pop(k) for k in list(state) if k.startswith("patch_embed.")} if grow else {}
     try:
-        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in start["state_dict"].items()})
-    except RuntimeError as e:
+        missing, unexpected = model.load_state_dict(state, strict=not grow)
+        if grow and (unexpected or any(not k.startswith("patch_embed.") for k in missing)):
+            raise RuntimeError(f"unexpected {unexpected[:2]}, missing {missing[:2]}")
+        for k, mlp in enumerate(model.patch_embed if grow else []):
+            layer = nn.Linear(mlp[0].in_features, mlp[2].out_features)
+            layer.load_state_dict({n: linear[f"patch_embed.{k}.{n}"] for n in ("weight", "bias")})
+            linear_as_gelu_mlp(layer, mlp)
+    except (RuntimeError, ValueError, KeyError) as e:
         raise DistillError(f"--init: {path} does not fit the student ({str(e).splitlines()[0][:160]})") from None
     steps = start.get("provenance", {}).get("steps")
-    print(f"initialised the student from {path} ({steps} steps)", flush=True)
+    grown = " (its linear patch embeddings grown into two-layer ones, same function)" if grow else ""
+    print(f"initialised the student from {path} ({steps} steps){grown}", flush=True)
     return f"checkpoint:{path.name}@{steps}"
 
 
