@@ -1,6 +1,4 @@
 """bench/agreement_bound.py: noise at an exact cosine, and the agreement it leaves."""
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,11 +7,10 @@ from runtime.bundle import load_bundle
 from runtime.cascade import Cascade
 from runtime.preprocess import preprocess
 
+from bench_module import load_bench
+
 REPO = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("agreement_bound", REPO / "bench" / "agreement_bound.py")
-A = importlib.util.module_from_spec(spec)
-sys.modules["agreement_bound"] = A
-spec.loader.exec_module(A)
+A = load_bench("agreement_bound")
 
 
 def test_perturb_sets_the_cosine_exactly():

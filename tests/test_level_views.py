@@ -1,16 +1,13 @@
 """bench/level_views.py: the detail each level holds, and the teacher's top-1 on it."""
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
 import pywt
 
+from bench_module import load_bench
+
 REPO = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("level_views", REPO / "bench" / "level_views.py")
-V = importlib.util.module_from_spec(spec)
-sys.modules["level_views"] = V
-spec.loader.exec_module(V)
+V = load_bench("level_views")
 
 
 def test_thumbnail_is_the_haar_low_pass_band():

@@ -1,7 +1,5 @@
 """bench/roofline.py: the bytes and FLOPs it charges each graph, and one run of its table on the tiny bundle."""
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,11 +11,10 @@ from onnx import TensorProto, helper, numpy_helper
 from runtime.backends.ort import OnnxRuntimeBackend
 from runtime.bundle import load_bundle
 
+from bench_module import load_bench
+
 REPO = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("roofline", REPO / "bench" / "roofline.py")
-R = importlib.util.module_from_spec(spec)
-sys.modules["roofline"] = R
-spec.loader.exec_module(R)
+R = load_bench("roofline")
 
 
 def test_weight_bytes_counts_initializers_as_stored(tmp_path):
