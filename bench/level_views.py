@@ -30,28 +30,32 @@ from runtime.errors import BundleError  # noqa: E402
 from runtime.backends import BackendError  # noqa: E402
 from runtime.cascade import Cascade  # noqa: E402
 from runtime.data import DataError, load_images, read_image_list  # noqa: E402
+from runtime.wavelet import wavedec2  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def thumbnail(images: np.ndarray, block: int) -> np.ndarray:
-    """uint8 [B, S, S, 3] -> the images averaged over ``block`` x ``block`` pixel blocks (what the Haar low-pass band
-    of scale log2(block) holds), [B, S/block, S/block, 3] float."""
-    b, s, _, c = images.shape
-    return images.astype(np.float64).reshape(b, s // block, block, s // block, block, c).mean((2, 4))
+    """uint8 [B, S, S, 3] -> the runtime's Haar low-pass band of scale log2(``block``), per RGB channel, scaled back
+    to pixel values (the images averaged over ``block`` x ``block`` blocks): [B, S/block, S/block, 3] float."""
+    scale = block.bit_length() - 1
+    ll = wavedec2(images.astype(np.float64).transpose(0, 3, 1, 2), scale)[0]
+    return ll.transpose(0, 2, 3, 1) / block
 
 
 def teacher_top1_per_level(teacher_spec: str, arrays: np.ndarray, target: np.ndarray, labels: list[str],
-                           dwt_levels: int, batch_size: int = 64) -> list[float]:
+                           spec: dict, batch_size: int = 64) -> list[float]:
     import torch
     from PIL import Image
 
     from model.teachers import load_teacher
+    from train.teacher_cache import teacher_input
 
     teacher = load_teacher(teacher_spec)
     head = teacher.head(labels)
     size = arrays.shape[1]
     out = []
+    dwt_levels = spec["dwt_levels"]
     for level in range(dwt_levels + 1):
         block = 2 ** (dwt_levels - level)
         hits = []
@@ -59,8 +63,8 @@ def teacher_top1_per_level(teacher_spec: str, arrays: np.ndarray, target: np.nda
                       file=sys.stderr):
             thumbs = np.clip(np.rint(thumbnail(arrays[i:i + batch_size], block)), 0, 255).astype(np.uint8)
             views = [Image.fromarray(t).resize((size, size), Image.BICUBIC) for t in thumbs]
-            with torch.no_grad():
-                logits = head.logits(teacher.encode_image(teacher.preprocess_square(views)))
+            with torch.no_grad():  # the student-view teacher input of distillation
+                logits = head.logits(teacher.encode_image(teacher_input(teacher, views, spec)))
             hits.append(logits.argmax(1).numpy() == target[i:i + batch_size])
         out.append(float(np.concatenate(hits).mean()))
     return out
@@ -91,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     measured = set(stats.paths)  # readable, with a label in the head
     arrays, kept, _ = load_images([r for r in records if str(r.path) in measured], spec)
     target = np.array([col[r.label] for r in kept])
-    teacher = teacher_top1_per_level(args.teacher, arrays, target, cascade.bundle.labels, spec["dwt_levels"])
+    teacher = teacher_top1_per_level(args.teacher, arrays, target, cascade.bundle.labels, spec)
     student = [float(stats.correct[k].mean()) for k in range(stats.levels)]
     rows = [{"level": k, "pixels": spec["image_size"] >> (spec["dwt_levels"] - k), "teacher_top1": teacher[k],
              "student_top1": student[k], "student_over_teacher": student[k] / teacher[k] if teacher[k] else None}
