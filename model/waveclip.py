@@ -74,20 +74,13 @@ def patch_embedding(values: int, hidden: int, width: int) -> nn.Module:
     return nn.Sequential(nn.Linear(values, hidden), nn.GELU(), nn.Linear(hidden, width))
 
 
-@torch.no_grad()
-def linear_as_gelu_mlp(linear: nn.Linear, mlp: nn.Sequential) -> None:
-    """Set ``mlp`` (Linear -> GELU -> Linear, exactly 2 x ``linear.out_features`` hidden units) to compute ``linear``:
-    GELU(z) - GELU(-z) = z for the exact (erf) GELU, so a linear patch embedding grows into a two-layer one with
-    the same function (Net2Net-style), which fine-tuning can then bend."""
-    first, second, width = mlp[0], mlp[2], linear.out_features
-    if first.out_features != 2 * width or first.in_features != linear.in_features or second.out_features != width:
-        raise ValueError(f"a linear {linear.in_features} -> {width} embedding grows into {2 * width} hidden units, "
-                         f"not {first.out_features}")
-    first.weight.copy_(torch.cat([linear.weight, -linear.weight]))
-    first.bias.copy_(torch.cat([linear.bias, -linear.bias]))
-    eye = torch.eye(width, dtype=second.weight.dtype)
-    second.weight.copy_(torch.cat([eye, -eye], dim=1))
-    second.bias.zero_()
+def gelu_mlp_state(weight: torch.Tensor, bias: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The state of a Linear -> GELU -> Linear (``patch_embedding`` with 2 x out hidden units) that computes the linear
+    layer (``weight`` [out, in], ``bias``) exactly: GELU(z) - GELU(-z) = z for the exact (erf) GELU. A linear patch
+    embedding so grows into a two-layer one with the same function (Net2Net-style), which fine-tuning can bend."""
+    eye = torch.eye(weight.shape[0], dtype=weight.dtype)
+    return {"0.weight": torch.cat([weight, -weight]), "0.bias": torch.cat([bias, -bias]),
+            "2.weight": torch.cat([eye, -eye], dim=1), "2.bias": torch.zeros_like(bias)}
 
 
 class WaveCLIP(nn.Module):

@@ -6,11 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from model.config import WaveCLIPConfig
 from model.teachers import imagenet_classes, Teacher
-from model.waveclip import WaveCLIP, linear_as_gelu_mlp
+from model.waveclip import WaveCLIP, gelu_mlp_state
 from runtime.data import ImageRecord
 from runtime.wavelet import images_to_levels
 
@@ -71,16 +70,13 @@ def init_from_checkpoint(model: WaveCLIP, start: dict, path: Path, teacher: str,
                            f"{start['config'].get('name')}, not {teacher} and {preset}")
     state = {k: v.float() if v.is_floating_point() else v for k, v in start["state_dict"].items()}
     grow = not start["config"].get("patch_hidden") and model.config.patch_hidden  # linear -> two-layer embedding
-    linear = {k: state.pop(k) for k in list(state) if k.startswith("patch_embed.")} if grow else {}
+    for k in range(model.config.num_levels if grow else 0):
+        weight, bias = state.pop(f"patch_embed.{k}.weight", None), state.pop(f"patch_embed.{k}.bias", None)
+        if weight is not None and bias is not None:
+            state.update({f"patch_embed.{k}.{n}": t for n, t in gelu_mlp_state(weight, bias).items()})
     try:
-        missing, unexpected = model.load_state_dict(state, strict=not grow)
-        if grow and (unexpected or any(not k.startswith("patch_embed.") for k in missing)):
-            raise RuntimeError(f"unexpected {unexpected[:2]}, missing {missing[:2]}")
-        for k, mlp in enumerate(model.patch_embed if grow else []):
-            layer = nn.Linear(mlp[0].in_features, mlp[2].out_features)
-            layer.load_state_dict({n: linear[f"patch_embed.{k}.{n}"] for n in ("weight", "bias")})
-            linear_as_gelu_mlp(layer, mlp)
-    except (RuntimeError, ValueError, KeyError) as e:
+        model.load_state_dict(state)
+    except RuntimeError as e:
         raise DistillError(f"--init: {path} does not fit the student ({str(e).splitlines()[0][:160]})") from None
     steps = start.get("provenance", {}).get("steps")
     grown = " (its linear patch embeddings grown into two-layer ones, same function)" if grow else ""
