@@ -145,7 +145,7 @@ def test_recipe_stages_and_help(tmp_path):
     import subprocess
     import sys
 
-    from train.recipe_demo import DEFAULT_STAGES, Stage, _show, _stages
+    from train.recipe_demo import DEFAULT_STAGES, Stage, _show, _stages, distill_command
 
     assert _stages("3400") == (Stage(3400, 0, "student"),)
     assert _stages("3400:native,10500:aug2,12000:student:aug1") == (Stage(3400, 0, "native"), Stage(10500, 2),
@@ -156,9 +156,16 @@ def test_recipe_stages_and_help(tmp_path):
                 "10:studentx"):
         with pytest.raises(argparse.ArgumentTypeError):
             _stages(bad)
+    linear = distill_command(Stage(9000, 2), Path("d.csv"), Path("s.csv"), Path("c.pt"), 2)
+    grown = distill_command(Stage(9000, 2), Path("d.csv"), Path("s.csv"), Path("c.pt"), 2, patch_hidden=384)
+    assert "--patch-hidden" not in linear and grown[-2:] == ["--patch-hidden", "384"] and grown[:-2] == linear
+    assert linear[linear.index("--steps") + 1] == "9000" and linear[linear.index("--aug-views") + 1] == "2"
     root = Path(__file__).resolve().parents[1]
     ok = subprocess.run([sys.executable, "-m", "train.recipe_demo", "--help"], cwd=root, capture_output=True, text=True)
     assert ok.returncode == 0 and "--steps" in ok.stdout
     bad = subprocess.run([sys.executable, "-m", "train.recipe_demo", "--data", str(tmp_path)], cwd=root,
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "labels.csv not found" in bad.stderr
+    neg = subprocess.run([sys.executable, "-m", "train.recipe_demo", "--patch-hidden", "-1"], cwd=root,
+                         capture_output=True, text=True)
+    assert neg.returncode == 2 and neg.stderr.count("\n") == 1 and "--patch-hidden" in neg.stderr

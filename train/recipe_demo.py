@@ -1,7 +1,7 @@
 """Reproduce the shipped demo model from scratch: splits -> distil -> export -> gate -> int8 -> expected labels.
 
     python -m train.recipe_demo [--data ../shared/data] [--out models/waveclip-demo]
-        [--steps 3400:native,10500:native,17000:aug2:native,21000]
+        [--steps 3400:native,10500:native,17000:aug2:native,21000] [--patch-hidden H]
 
 Teacher: efficientnet-lite0 (real ImageNet weights from the registry package). Data: Tiny-ImageNet-200 (64x64) and
 its 202 train classes as the head. Distillation needs no labels, so it reads every image that is not held out:
@@ -126,6 +126,16 @@ def distill_list(splits: Path, dest: Path) -> Path:
     return dest
 
 
+def distill_command(stage: Stage, data: Path, splits: Path, out: Path, threads: int, patch_hidden: int = 0
+                    ) -> list[str]:
+    """``train.distill``'s arguments for one stage: resume ``out`` to the stage's total, evaluate on 1,000 calib images."""
+    return ["-m", "train.distill", "--teacher", "efficientnet-lite0", "--data", str(data), "--preset", "waveclip-demo",
+            "--out", str(out), "--steps", str(stage.total), "--resume", "--threads", str(threads),
+            "--eval-data", str(splits), "--eval-split", "calib", "--eval-limit", "1000", "--teacher-view", stage.view,
+            *(["--aug-views", str(stage.aug)] if stage.aug else []),
+            *(["--patch-hidden", str(patch_hidden)] if patch_hidden else [])]
+
+
 def step(name: str, cmd: list[str], log: dict, log_path: Path) -> None:
     print(f"\n=== {name}: {' '.join(cmd)}", flush=True)
     t0 = time.time()
@@ -162,15 +172,18 @@ def main() -> int:
                         "augmented views per image, N:native with the teacher on the full-resolution file instead of "
                         "the student's pixels "
                         f"(default {','.join(DEFAULT_STAGES)})")
+    p.add_argument("--patch-hidden", type=int, default=0, metavar="H",
+                   help="two-layer patch embedding with H hidden units in every stage (train.distill --patch-hidden; "
+                        "default 0: linear, the shipped model)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--skip-train", action="store_true", help="reuse WORK/ckpt-full.pt")
     p.add_argument("--from-step", choices=["export", "quantize"], default="export", help="resume the recipe here")
     args = p.parse_args()
+    if args.threads < 1 or args.patch_hidden < 0:
+        print("error: --threads must be >= 1 and --patch-hidden >= 0", file=sys.stderr)
+        return 2
     if not (args.data / "tiny-imagenet-200" / "labels.csv").is_file():
         print(f"error: {args.data}/tiny-imagenet-200/labels.csv not found (see ../shared/data/README.md)", file=sys.stderr)
-        return 2
-    if args.threads < 1:
-        print("error: --threads must be >= 1", file=sys.stderr)
         return 2
     log_path = args.out / "recipe.json"
     log: dict = json.loads(log_path.read_text()) if log_path.is_file() else {}
@@ -181,11 +194,7 @@ def main() -> int:
         data = distill_list(splits, args.work / "distill.csv")
         for i, stage in enumerate(args.steps):
             step("distill" if i == 0 else f"distill-stage{i + 1}",
-                 ["-m", "train.distill", "--teacher", "efficientnet-lite0", "--data", str(data),
-                  "--preset", "waveclip-demo", "--out", str(full), "--steps", str(stage.total), "--resume",
-                  "--threads", str(args.threads), "--eval-data", str(splits), "--eval-split", "calib",
-                  "--eval-limit", "1000", "--teacher-view", stage.view,
-                  *(["--aug-views", str(stage.aug)] if stage.aug else [])], log, log_path)
+                 distill_command(stage, data, splits, full, args.threads, args.patch_hidden), log, log_path)
     args.out.mkdir(parents=True, exist_ok=True)
     bundle, int8 = args.out / "bundle", args.out / "bundle-int8"
     if args.from_step == "export":
