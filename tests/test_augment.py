@@ -11,7 +11,7 @@ from model.checkpoint import load_checkpoint
 from model.config import get_preset
 from model.teachers import load_teacher
 from runtime.preprocess import image_to_array
-from train import distill
+from train import distill, setup
 from train.augment import Augment
 from train.teacher_cache import pool_map, teacher_targets
 
@@ -118,10 +118,10 @@ def test_efficientnet_square_preprocess_keeps_the_whole_view():
 
 
 def test_batches_draw_views_without_changing_plain_batches():
-    idx, flips, views = distill.batch_at(7, 100, 16, 3)
-    idx3, flips3, views3 = distill.batch_at(7, 100, 16, 3, views=3)
+    idx, flips, views = setup.batch_at(7, 100, 16, 3)
+    idx3, flips3, views3 = setup.batch_at(7, 100, 16, 3, views=3)
     assert np.array_equal(idx, idx3) and np.array_equal(flips, flips3) and not views.any()
-    allv = np.concatenate([distill.batch_at(s, 100, 16, 3, views=3)[2] for s in range(12)])
+    allv = np.concatenate([setup.batch_at(s, 100, 16, 3, views=3)[2] for s in range(12)])
     assert set(allv.tolist()) == {0, 1, 2}
 
 

@@ -36,17 +36,17 @@ from model.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from model.config import WaveCLIPConfig, get_preset
 from model.teachers import Head, Teacher, TeacherError, imagenet_classes, load_teacher
 from model.waveclip import WaveCLIP
-from runtime.data import DataError, ImageRecord, load_images, read_image_list, records_digest
+from runtime.data import DataError, read_image_list, records_digest
 from runtime.preprocess import ImageError
 from runtime.wavelet import images_to_levels
 from train.evaluate import evaluate, head_rows
-from train.setup import (DistillError, choose_labels, init_from_checkpoint, init_student, level_weights, param_groups,
-                         set_patch_stats, use_bf16)
+from train.setup import (DistillError, batch_at, choose_labels, init_from_checkpoint, init_student, level_weights,
+                         load_set, param_groups, set_patch_stats, use_bf16)
 from train.augment import Augment
 from train.dense import DenseHead, channel_stats, mirror_grid
 from train.losses import distill_loss, lr_at
 from train.mix import cutmix
-from train.teacher_cache import TeacherTargets, default_cache_dir, teacher_embeddings, teacher_targets
+from train.teacher_cache import default_cache_dir, teacher_embeddings, teacher_targets, with_augmented_views
 
 LR_SCRATCH, LR_VIT_INIT = 2e-3, 1e-4  # default peak learning rates
 LOSS_WINDOW = 50  # steps averaged into the reported final losses
@@ -130,33 +130,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def batch_at(step: int, n: int, batch_size: int, seed: int, views: int = 1
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Indices, mirror flags and view numbers (0: the plain image) of the batch at ``step``: epoch
-    ``step // (n // batch_size)`` is a seeded permutation."""
-    per_epoch = max(1, n // batch_size)
-    epoch, j = divmod(step, per_epoch)
-    rng = np.random.default_rng([seed, epoch])
-    perm, flips = rng.permutation(n), rng.random(n) < 0.5
-    view = rng.integers(0, views, n) if views > 1 else np.zeros(n, np.int64)  # drawn last: views=1 batches unchanged
-    idx = perm[j * batch_size:(j + 1) * batch_size]
-    return idx, flips[idx], view[idx]
-
-
 def _plain(args: argparse.Namespace) -> dict:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
 
 
-def _load_set(source: str, split: str | None, limit: int | None, seed: int, spec: dict, what: str
-              ) -> tuple[np.ndarray, list[ImageRecord], int]:
-    records = read_image_list(source, split, limit, seed)
-    skipped: list[str] = []
-    arrays, kept, n_skipped = load_images(records, spec, on_skip=lambda r, why: skipped.append(why))
-    if n_skipped:
-        print(f"{what}: skipped {n_skipped} unreadable image(s) of {len(records)} (first: {skipped[0]})", flush=True)
-    if not kept:
-        raise DistillError(f"{what}: no readable images in {source}")
-    return arrays, kept, n_skipped
+def _report_teacher(stats: dict, views: str) -> None:
+    if stats["computed"]:
+        print(f"teacher ({stats['backend']}): {stats['computed']} images x {views} in {stats['seconds']:.1f} s, "
+              f"{stats['images_per_s']} images/s", flush=True)
 
 
 # --- training -----------------------------------------------------------------------------------------------------------
@@ -184,7 +165,7 @@ def run(args: argparse.Namespace, stop_after: int | None = None) -> dict:
     start = None if resume is not None or args.init is None else read_checkpoint(args.init)  # --init: fail early
 
     spec = base_cfg.preprocessing_spec()  # embed_dim does not change the preprocessing
-    arrays, kept, n_skipped = _load_set(args.data, args.split, args.limit, args.seed, spec, "data")
+    arrays, kept, n_skipped = load_set(args.data, args.split, args.limit, args.seed, spec, "data")
 
     torch.manual_seed(args.seed)
     teacher = load_teacher(args.teacher, args.device)
@@ -212,20 +193,14 @@ def run(args: argparse.Namespace, stop_after: int | None = None) -> dict:
     targets, tstats = teacher_targets(teacher, kept, cache_dir, flip=args.teacher_views == 2,
                                       dense_grid=cfg.grid,  # maps cached whatever the weight: one cache
                                       batch_size=args.teacher_batch_size, student_view=student_view)
-    if tstats["computed"]:
-        print(f"teacher ({tstats['backend']}): {tstats['computed']} images x {args.teacher_views} view(s) in "
-              f"{tstats['seconds']:.1f} s, {tstats['images_per_s']} images/s", flush=True)
+    _report_teacher(tstats, f"{args.teacher_views} view(s)")
     dense_stats = None if targets.dense is None else channel_stats(targets.dense)  # of the plain views, as before
     pixels, astats = None, None
     if args.aug_views:
-        aug, astats = teacher_targets(teacher, kept, cache_dir, dense_grid=cfg.grid, batch_size=args.teacher_batch_size,
-                                      augment=Augment(args.aug_views, args.seed, spec), student_view=student_view)
-        if astats["computed"]:
-            print(f"teacher ({astats['backend']}): {astats['computed']} images x {args.aug_views} augmented view(s) "
-                  f"in {astats['seconds']:.1f} s, {astats['images_per_s']} images/s", flush=True)
-        pixels = np.concatenate([arrays[:, None], aug.pixels.numpy()], axis=1)  # [N, 1 + K, S, S, 3]
-        dense = None if targets.dense is None or aug.dense is None else torch.cat([targets.dense, aug.dense], 1)
-        targets = TeacherTargets(torch.cat([targets.emb, aug.emb], 1), dense)
+        targets, pixels, astats = with_augmented_views(
+            teacher, kept, targets, arrays, cache_dir, Augment(args.aug_views, args.seed, spec), dense_grid=cfg.grid,
+            batch_size=args.teacher_batch_size, student_view=student_view)
+        _report_teacher(astats, f"{args.aug_views} augmented view(s)")
     temb = targets.emb
     if args.dense_weight > 0 and targets.dense is None:
         raise DistillError(f"--dense-weight {args.dense_weight}: teacher {args.teacher} has no spatial feature map "
@@ -383,7 +358,7 @@ def evaluate_on(args: argparse.Namespace, model: WaveCLIP, teacher: Teacher, hea
                 cache_dir: Path) -> dict:
     """Per-level cosine to the teacher and top-1 (student per level, teacher) on --eval-data."""
     spec = model.config.preprocessing_spec()
-    arrays, kept, skipped = _load_set(args.eval_data, args.eval_split, args.eval_limit, args.seed, spec, "eval-data")
+    arrays, kept, skipped = load_set(args.eval_data, args.eval_split, args.eval_limit, args.seed, spec, "eval-data")
     temb, _ = teacher_embeddings(teacher, kept, cache_dir, flip=False, batch_size=args.teacher_batch_size)
     rows = head_rows(labels, [r.label for r in kept])
     return {"source": str(args.eval_data), "split": args.eval_split, "skipped": skipped,

@@ -1,5 +1,5 @@
-"""Setting up a distillation run: the head's labels, the student's initialisation, level weights, optimizer groups,
-training precision."""
+"""Setting up a distillation run: the images, the head's labels, the student's initialisation, level weights, optimizer
+groups, training precision, the batch of each step."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,7 +10,7 @@ import torch
 from model.config import WaveCLIPConfig
 from model.teachers import imagenet_classes, Teacher
 from model.waveclip import WaveCLIP, gelu_mlp_state
-from runtime.data import ImageRecord
+from runtime.data import ImageRecord, load_images, read_image_list
 from runtime.wavelet import images_to_levels
 
 REQUIRES_VIT_INIT = {"waveclip-b16"}  # too big to learn from scratch on a distillation set
@@ -122,3 +122,29 @@ def set_patch_stats(model: WaveCLIP, arrays: np.ndarray, spec: dict, max_images:
         flat = torch.from_numpy(p.reshape(-1, p.shape[-1])).double()
         std = flat.std(0) if len(flat) > 1 else torch.ones(flat.shape[1], dtype=torch.float64)
         model.set_patch_stats(k, flat.mean(0).float(), std.clamp_min(1e-4).float())
+
+
+def batch_at(step: int, n: int, batch_size: int, seed: int, views: int = 1
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Indices, mirror flags and view numbers (0: the plain image) of the batch at ``step``: epoch
+    ``step // (n // batch_size)`` is a seeded permutation."""
+    per_epoch = max(1, n // batch_size)
+    epoch, j = divmod(step, per_epoch)
+    rng = np.random.default_rng([seed, epoch])
+    perm, flips = rng.permutation(n), rng.random(n) < 0.5
+    view = rng.integers(0, views, n) if views > 1 else np.zeros(n, np.int64)  # drawn last: views=1 batches unchanged
+    idx = perm[j * batch_size:(j + 1) * batch_size]
+    return idx, flips[idx], view[idx]
+
+
+def load_set(source: str, split: str | None, limit: int | None, seed: int, spec: dict, what: str
+             ) -> tuple[np.ndarray, list[ImageRecord], int]:
+    """Images of ``source`` at the student's resolution; unreadable ones are counted, reported and skipped."""
+    records = read_image_list(source, split, limit, seed)
+    skipped: list[str] = []
+    arrays, kept, n_skipped = load_images(records, spec, on_skip=lambda r, why: skipped.append(why))
+    if n_skipped:
+        print(f"{what}: skipped {n_skipped} unreadable image(s) of {len(records)} (first: {skipped[0]})", flush=True)
+    if not kept:
+        raise DistillError(f"{what}: no readable images in {source}")
+    return arrays, kept, n_skipped

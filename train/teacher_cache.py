@@ -178,6 +178,18 @@ def teacher_targets(teacher: Teacher, records: Sequence[ImageRecord], cache_dir:
     return TeacherTargets(emb, dense, pixels), stats
 
 
+def with_augmented_views(teacher: Teacher, records: Sequence[ImageRecord], plain: TeacherTargets, arrays: np.ndarray,
+                         cache_dir: str | os.PathLike, augment: Augment, *, dense_grid: int | None, batch_size: int,
+                         student_view: dict | None) -> tuple[TeacherTargets, np.ndarray, dict]:
+    """``plain`` (one view per image) followed by ``augment``'s cached views: targets [N, 1 + K, ...], the student's
+    pixels [N, 1 + K, S, S, 3] (view 0: ``arrays``, the plain images) and the augmented pass's stats."""
+    aug, stats = teacher_targets(teacher, records, cache_dir, dense_grid=dense_grid, batch_size=batch_size,
+                                 augment=augment, student_view=student_view)
+    pixels = np.concatenate([arrays[:, None], aug.pixels.numpy()], axis=1)
+    dense = None if plain.dense is None or aug.dense is None else torch.cat([plain.dense, aug.dense], 1)
+    return TeacherTargets(torch.cat([plain.emb, aug.emb], 1), dense), pixels, stats
+
+
 def teacher_embeddings(teacher: Teacher, records: Sequence[ImageRecord], cache_dir: str | os.PathLike, *,
                        flip: bool = True, key_extra: str = "", batch_size: int = 64, progress: bool = True
                        ) -> tuple[torch.Tensor, dict]:
