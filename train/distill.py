@@ -162,6 +162,9 @@ def run(args: argparse.Namespace, stop_after: int | None = None) -> dict:
                                or resume["config"]["name"] != args.preset):
         raise DistillError(f"--resume: {args.out} was not trained with teacher {args.teacher} and preset "
                            f"{args.preset} (or has no train_state)")
+    resumed_cfg = None if resume is None else WaveCLIPConfig.from_dict(resume["config"])
+    if resumed_cfg is not None and resumed_cfg.replace(embed_dim=base_cfg.embed_dim) != base_cfg:  # before the data
+        raise DistillError(f"--resume: {args.out} holds another student layout (e.g. --patch-hidden) than asked")
     start = None if resume is not None or args.init is None else read_checkpoint(args.init)  # --init: fail early
 
     spec = base_cfg.preprocessing_spec()  # embed_dim does not change the preprocessing
@@ -170,8 +173,6 @@ def run(args: argparse.Namespace, stop_after: int | None = None) -> dict:
     torch.manual_seed(args.seed)
     teacher = load_teacher(args.teacher, args.device)
     cfg = base_cfg.replace(embed_dim=teacher.embed_dim)
-    if resume is not None and WaveCLIPConfig.from_dict(resume["config"]) != cfg:
-        raise DistillError(f"--resume: {args.out} holds another student layout (e.g. --patch-hidden) than asked")
     torch.manual_seed(args.seed)
     model, init = init_student(cfg, teacher, args.preset)
     if start is not None:
