@@ -3,6 +3,8 @@
 - onnxruntime / tensorrt: ``quant_pre_process`` then ``quantize_static`` (QDQ, per-channel int8 weights). The result is
   loaded with its data resolved and re-externalised by the caller into the bundle's shared ``weights.bin``.
 - openvino: ``nncf.quantize`` (ModelType.TRANSFORMER) on the fp32 ONNX graph read by OpenVINO; saved as IR.
+- weight-only (onnxruntime): ``MatMulNBitsQuantizer`` at 8 bits: int8 weights in blocks, float activations, no
+  calibration images (ORT's weight-only path for LLMs; ``MatMulNBits`` is a com.microsoft op).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import numpy as np
 import onnx
 
 ONNX_METHODS = ("minmax", "entropy", "percentile")
+WEIGHT_ONLY = "weight-only"  # a --method that calibrates nothing: int8 weights, float activations
 DEFAULT_OPS = ("MatMul", "Gemm")
 # Compute ops we report as kept in float (shape/index plumbing is not listed).
 COMPUTE_OPS = {"MatMul", "Gemm", "Conv", "Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Erf", "Gelu", "Softmax",
@@ -64,6 +67,58 @@ SCHEMES = {"onnxruntime": OnnxScheme("uint8", False, quantize_outputs=False, wei
                                      float_first_last=True),
            "tensorrt": OnnxScheme("int8", True, quantize_outputs=False, weight_matmuls_only=True,
                                   float_first_last=True)}
+
+
+@dataclass(frozen=True)
+class WeightOnlyScheme:
+    """MatMulNBits settings: int8 weights, symmetric, one scale per ``block_size`` input rows of each column;
+    ``accuracy_level`` 1: the kernel computes in fp32 from the int8 weights (4: it also quantizes activations to int8
+    per block, faster where VNNI/AMX exist, further from fp32)."""
+
+    block_size: int = 16
+    accuracy_level: int = 1
+
+    def describe(self) -> dict:
+        return {"library": "onnxruntime.quantization.matmul_nbits_quantizer: MatMulNBitsQuantizer (round to nearest)",
+                "format": "MatMulNBits (com.microsoft, weight-only)",
+                "weights": {"type": "int8", "per_channel": False, "block_size": self.block_size, "symmetric": True},
+                "activations": {"type": "float32"}, "accuracy_level": self.accuracy_level}
+
+
+WEIGHT_ONLY_SCHEME = WeightOnlyScheme()
+
+
+def quantize_weight_only(src: Path, scheme: WeightOnlyScheme = WEIGHT_ONLY_SCHEME) -> onnx.ModelProto:
+    """Every MatMul with a constant weight of ``src`` -> MatMulNBits at 8 bits; returns the graph, data in memory."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    proto = onnx.load(str(src), load_external_data=True)
+    # The patch embedding (export names its nodes /patch_embed*) stays float, as it does in the split form, where
+    # it is a graph of its own: it reads the raw wavelet coefficients, and there blocks of 32 cost 0.5-1 pt agreement.
+    embed = [n.name for n in proto.graph.node if n.op_type == "MatMul" and n.name.startswith("/patch_embed")]
+    config = DefaultWeightOnlyQuantConfig(block_size=scheme.block_size, is_symmetric=True, bits=8,
+                                          accuracy_level=scheme.accuracy_level)
+    quantizer = MatMulNBitsQuantizer(proto, bits=8, block_size=scheme.block_size, is_symmetric=True,
+                                     accuracy_level=scheme.accuracy_level, nodes_to_exclude=embed,
+                                     algo_config=config)
+    log = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+    level, log.level = log.level, logging.WARNING  # it logs every node it skips at INFO
+    try:
+        quantizer.process()
+    finally:
+        log.setLevel(level)
+    return quantizer.model.model
+
+
+def weight_only_summary(proto: onnx.ModelProto) -> tuple[dict[str, int], dict[str, int]]:
+    """(MatMuls made MatMulNBits, compute nodes left float) per op type, as :func:`onnx_op_summary`."""
+    quant, flt = collections.Counter(), collections.Counter()
+    for n in proto.graph.node:
+        if n.op_type == "MatMulNBits":
+            quant["MatMul"] += 1
+        elif n.op_type in COMPUTE_OPS:
+            flt[n.op_type] += 1
+    return dict(sorted(quant.items())), dict(sorted(flt.items()))
 
 
 def quantize_onnx(src: Path, reader, dst: Path, scheme: OnnxScheme, method: str, ops: list[str],

@@ -21,8 +21,9 @@ import numpy as np
 import onnx
 from tqdm import tqdm
 
-from calibration.backends import (DEFAULT_OPS, ONNX_METHODS, SCHEMES, onnx_op_summary, quantize_onnx,
-                                  quantize_openvino)
+from calibration.backends import (DEFAULT_OPS, ONNX_METHODS, SCHEMES, WEIGHT_ONLY, WEIGHT_ONLY_SCHEME,
+                                  onnx_op_summary, quantize_onnx, quantize_openvino, quantize_weight_only,
+                                  weight_only_summary)
 from calibration.compare import compare, format_table
 from calibration.quantize_split import write_split_int8, write_split_openvino
 from calibration.reader import CascadeCalibrationReader, level_feeds
@@ -144,8 +145,14 @@ def quantize_bundle(bundle_path: str | Path, out: str | Path, data: str, *, spli
     Raises QuantizeError / BundleError / DataError (bad input) or AgreementTooLow (nothing written)."""
     start = time.time()
     check_backend(backend)
-    if method not in ONNX_METHODS:
-        raise QuantizeError(f"unknown --method {method!r}; choose from {', '.join(ONNX_METHODS)}")
+    if method not in (*ONNX_METHODS, WEIGHT_ONLY):
+        raise QuantizeError(f"unknown --method {method!r}; choose from {', '.join((*ONNX_METHODS, WEIGHT_ONLY))}")
+    if method == WEIGHT_ONLY and backend != "onnxruntime":
+        raise QuantizeError(f"--method {WEIGHT_ONLY} writes ONNX Runtime's MatMulNBits op: use it with --backend "
+                            "onnxruntime")
+    if method == WEIGHT_ONLY and ops:
+        raise QuantizeError(f"--method {WEIGHT_ONLY} quantizes the weights of every MatMul; --quantize-ops does "
+                            "not apply")
     if samples < MIN_IMAGES:
         raise QuantizeError(f"--samples {samples}: need at least {MIN_IMAGES} calibration images")
     fp32 = load_bundle(bundle_path)
@@ -159,11 +166,14 @@ def quantize_bundle(bundle_path: str | Path, out: str | Path, data: str, *, spli
         raise QuantizeError(f"{out}: the output must not be the input bundle")
     spec = fp32.preprocessing
     records = read_image_list(data, split)
-    cal_patches, calib, cal_skipped = load_patches(spread(records, samples, SEED), spec, "calibration", data,
-                                                     progress)
+    if method == WEIGHT_ONLY:  # no activation ranges to calibrate: every image may serve the held-out check
+        cal_patches, calib, cal_skipped = None, [], 0
+    else:
+        cal_patches, calib, cal_skipped = load_patches(spread(records, samples, SEED), spec, "calibration", data,
+                                                         progress)
     held = held_out_images(records, calib, eval_data, eval_split, eval_samples, data)
     eval_patches, held, eval_skipped = load_patches(held, spec, "evaluation", eval_data or data, progress)
-    ops_list = list(ops) if ops else list(DEFAULT_OPS)
+    ops_list = ["MatMul"] if method == WEIGHT_ONLY else list(ops) if ops else list(DEFAULT_OPS)
     data_info = _data_info(data, split, calib, cal_skipped, fp32.path.parent)
     eval_info = {**_data_info(eval_data or data, eval_split if eval_data else split, held, eval_skipped,
                               fp32.path.parent),
@@ -229,11 +239,17 @@ def _write_levels(fp32: Bundle, patches: list[np.ndarray], tmp: Path, scratch: P
     weights = SharedWeights(tmp) if backend != "openvino" else None
     files: list[str] = []
     nodes: dict[str, dict[str, int]] = {"quantized": {}, "float": {}}
-    feeds = level_feeds(fp32, patches)
+    feeds = level_feeds(fp32, patches) if method != WEIGHT_ONLY else None
     for k in tqdm(range(fp32.num_levels), desc=f"quantize ({backend})", unit="level", disable=not progress):
-        inputs = next(feeds)
+        inputs = next(feeds) if feeds is not None else None
         src = fp32.level_path(k)
-        if weights is not None:
+        if method == WEIGHT_ONLY:
+            proto = quantize_weight_only(src)
+            counts = weight_only_summary(proto)
+            files.append(f"level{k}.onnx")
+            save_graph(weights.externalize(proto), tmp / files[-1])
+            onnx.checker.check_model(str(tmp / files[-1]))
+        elif weights is not None:
             proto = quantize_onnx(src, CascadeCalibrationReader(inputs, ORT_BATCH), scratch / f"level{k}.int8.onnx",
                                   SCHEMES[backend], method, ops, scratch)
             counts = onnx_op_summary(proto, ops)
@@ -247,7 +263,8 @@ def _write_levels(fp32: Bundle, patches: list[np.ndarray], tmp: Path, scratch: P
         for acc, c in zip(nodes.values(), counts):
             for t, n in c.items():
                 acc[t] = acc.get(t, 0) + n
-    feeds.close()
+    if feeds is not None:
+        feeds.close()
     return files, weights, nodes
 
 
@@ -258,7 +275,9 @@ def _data_info(source: str, split: str | None, records: list[ImageRecord], skipp
 
 def _provenance(fp32: Bundle, backend: str, method: str, ops: list[str] | None, nodes: dict, data: dict,
                 eval_data: dict) -> dict:
-    if backend == "openvino":
+    if method == WEIGHT_ONLY:
+        scheme = WEIGHT_ONLY_SCHEME.describe()
+    elif backend == "openvino":
         scheme = {"library": "nncf.quantize(model_type=TRANSFORMER, preset=MIXED; NNCF applies SmoothQuant and fast "
                              "bias correction)", "format": "OpenVINO IR (FakeQuantize, int8 weights)",
                   "weights": {"type": "int8", "per_channel": True, "symmetric": True},
@@ -268,7 +287,8 @@ def _provenance(fp32: Bundle, backend: str, method: str, ops: list[str] | None, 
                   **SCHEMES[backend].describe()}
     out = {"backend": backend, "tool": "python -m calibration.quantize", **scheme, "method": method,
            "samples": data["images"], "data": data, "eval_data": eval_data,
-           "kv_calibration": "real KV: level k is calibrated on the present outputs of the fp32 levels < k for the "
+           "kv_calibration": "none: weight-only, no activation ranges" if method == WEIGHT_ONLY else
+                             "real KV: level k is calibrated on the present outputs of the fp32 levels < k for the "
                              "same images",
            "op_types_to_quantize": ops if ops is not None else "NNCF TRANSFORMER default",
            "quantized_nodes": nodes["quantized"], "float_compute_nodes": nodes["float"],
@@ -297,9 +317,12 @@ def _parser() -> argparse.ArgumentParser:
                         "tensorrt: symmetric int8 QDQ ONNX for TensorRT explicit quantization (engines built on the "
                         "target, evaluated here with onnxruntime CPU)")
     p.add_argument("--samples", type=integer(MIN_IMAGES), default=256, help="calibration images (default 256, at least 8)")
-    p.add_argument("--method", default="minmax", choices=ONNX_METHODS,
+    p.add_argument("--method", default="minmax", choices=(*ONNX_METHODS, WEIGHT_ONLY),
                    help="activation range calibration (default minmax). OpenVINO maps minmax->MINMAX, "
-                        "percentile->MEAN_QUANTILE, entropy->HISTOGRAM")
+                        f"percentile->MEAN_QUANTILE, entropy->HISTOGRAM. {WEIGHT_ONLY}: int8 weights in blocks of "
+                        f"{WEIGHT_ONLY_SCHEME.block_size} (ONNX Runtime MatMulNBits), float activations, no "
+                        "calibration images; nearest to fp32, 4x smaller weights, onnxruntime backend (CPU, CUDA) "
+                        "only")
     p.add_argument("--eval-data", metavar="DIR_OR_CSV",
                    help="held-out images for the fp32 vs int8 check (default: --data images not used for "
                         "calibration); calibration images are always excluded")

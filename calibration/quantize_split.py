@@ -15,7 +15,7 @@ import onnx
 import onnxruntime as ort
 from onnxruntime.quantization import CalibrationDataReader
 
-from calibration.backends import quantize_onnx, quantize_openvino
+from calibration.backends import WEIGHT_ONLY, quantize_onnx, quantize_openvino, quantize_weight_only
 from calibration.reader import level_feeds
 from export.weights import SharedWeights, save_graph
 from runtime.bundle import Bundle
@@ -73,20 +73,24 @@ def body_items(fp32: Bundle, patches: list[np.ndarray], per_level: int = PER_LEV
     return items
 
 
-def write_split_int8(fp32: Bundle, patches: list[np.ndarray], tmp: Path, scratch: Path, weights: SharedWeights,
-                     scheme, method: str, ops: list[str]) -> dict:
+def write_split_int8(fp32: Bundle, patches: list[np.ndarray] | None, tmp: Path, scratch: Path,
+                     weights: SharedWeights, scheme, method: str, ops: list[str]) -> dict:
     """Write the int8 body and the float embedding graphs into ``tmp`` (data in ``weights``); the manifest entry."""
     entry = {**fp32.manifest["split"], "embed": [dict(e) for e in fp32.manifest["split"]["embed"]],
              "body": dict(fp32.manifest["split"]["body"])}
     for k, e in enumerate(entry["embed"]):
         proto = onnx.load(str(fp32.embed_path(k)), load_external_data=True)
         save_graph(weights.externalize(proto), tmp / e["file"])
-    proto = quantize_onnx(fp32.body_path(), ItemsReader(body_items(fp32, patches)), scratch / "body.int8.onnx",
-                          scheme, method, ops, scratch)
+    if method == WEIGHT_ONLY:
+        proto = quantize_weight_only(fp32.body_path())
+        entry["body"]["quantized"] = {"weight_only": True, "levels": fp32.num_levels}
+    else:
+        proto = quantize_onnx(fp32.body_path(), ItemsReader(body_items(fp32, patches)), scratch / "body.int8.onnx",
+                              scheme, method, ops, scratch)
+        entry["body"]["quantized"] = {"calibration_images_per_level": min(PER_LEVEL, patches[0].shape[0]),
+                                      "levels": fp32.num_levels}
     save_graph(weights.externalize(proto), tmp / entry["body"]["file"])
     onnx.checker.check_model(str(tmp / entry["body"]["file"]))
-    entry["body"]["quantized"] = {"calibration_images_per_level": min(PER_LEVEL, patches[0].shape[0]),
-                                  "levels": fp32.num_levels}
     return entry
 
 

@@ -47,6 +47,9 @@ def create_backend(bundle: Bundle, name: str = "onnxruntime", **options) -> Back
     """Instantiate a backend by name; a backend whose package is missing names the extra to install."""
     if name not in BACKENDS:
         raise BackendError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
+    if name == "tensorrt" and "MatMulNBits" in str((bundle.manifest.get("quantization") or {}).get("format")):
+        raise BackendError(f"{bundle.path}: weight-only int8 (ONNX Runtime MatMulNBits) cannot be parsed by TensorRT; "
+                           "use the fp32 bundle (fp16 engines) or calibration.quantize --backend tensorrt")
     try:
         if name == "onnxruntime":
             from runtime.backends.ort import OnnxRuntimeBackend as cls

@@ -1,0 +1,86 @@
+"""calibration.quantize --method weight-only: int8 weights (ONNX Runtime MatMulNBits), float activations."""
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from calibration import quantize as Q
+from runtime.backends import BackendError, create_backend
+from runtime.bundle import load_bundle, validate_manifest
+from runtime.cascade import Cascade
+from runtime.preprocess import preprocess
+
+
+@pytest.fixture(scope="module")
+def tiny_csv(data_dir):
+    path = data_dir / "tiny-imagenet-200" / "labels.csv"
+    if not path.is_file():
+        pytest.skip("tiny-imagenet-200 not found")
+    return path
+
+
+def _args(bundle, csv, out, *extra) -> list[str]:
+    return [str(bundle), "--data", str(csv), "--split", "train", "--eval-samples", "48", "--method", "weight-only",
+            "-o", str(out), "-q", *extra]
+
+
+@pytest.fixture(scope="module")
+def weight_only(tiny_bundle, tiny_csv, tmp_path_factory):
+    out = tmp_path_factory.mktemp("wo") / "int8"
+    assert Q.main(_args(tiny_bundle, tiny_csv, out)) == 0  # the default --min-agreement 0.99
+    return load_bundle(out)
+
+
+def _matmuls(path) -> tuple[list[str], list[str]]:
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return ([n.name for n in graph.node if n.op_type == "MatMulNBits"],
+            [n.name for n in graph.node if n.op_type == "MatMul"])
+
+
+def test_bundle_contract(weight_only, tiny_bundle):
+    m = weight_only.manifest
+    validate_manifest(m)
+    fp32 = load_bundle(tiny_bundle)
+    assert m["precision"] == "int8" and m["head"] == fp32.manifest["head"] and m["gate"] == fp32.manifest["gate"]
+    q = m["quantization"]
+    assert q["method"] == "weight-only" and q["format"].startswith("MatMulNBits") and q["samples"] == 0
+    assert q["weights"]["type"] == "int8" and q["weights"]["block_size"] == 16 and q["activations"]["type"] == "float32"
+    body_q, body_f = _matmuls(weight_only.body_path())
+    for k in range(weight_only.num_levels):
+        quantized, plain = _matmuls(weight_only.level_path(k))
+        assert len(quantized) == len(body_q) > 0  # the level graph quantizes what the split body does
+        assert all("patch_embed" in n for n in plain if "attn/MatMul" not in n)  # embedding and attention float
+        assert not {"QuantizeLinear", "DequantizeLinear"} & {n.op_type for n in
+                                                            onnx.load(str(weight_only.level_path(k))).graph.node}
+    ext = m["external_data"]
+    assert ext["unique_tensors"] < ext["tensor_references"]  # the levels and the body share each int8 weight once
+    assert (weight_only.path / "weights.bin").stat().st_size < 0.6 * (fp32.path / "weights.bin").stat().st_size
+
+
+def test_agrees_with_fp32_on_every_form(weight_only, tiny_bundle, sample_images):
+    report = json.loads((weight_only.path / "quantization_report.json").read_text())
+    assert report["passed"] and report["min_top1_agreement"] >= 0.99 and len(report["split"]["levels"]) == 4
+    assert all(lv["cosine_mean"] > 0.9999 for lv in report["levels"] + report["split"]["levels"])
+    fp32 = load_bundle(tiny_bundle)
+    patches = preprocess(sample_images[:6], fp32.preprocessing)
+    ref, _ = create_backend(fp32).run_level(0, patches[0], None)
+    for weights in ("levels", "split"):
+        got, _ = create_backend(weight_only, weights=weights).run_level(0, patches[0], None)
+        cosine = (got * ref).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
+        assert cosine.min() > 0.999
+    labels = [r.label for r in Cascade(weight_only).classify(sample_images[:6])]
+    assert labels == [r.label for r in Cascade(fp32).classify(sample_images[:6])]
+
+
+def test_tensorrt_refuses_in_one_line(weight_only):
+    with pytest.raises(BackendError, match="MatMulNBits"):
+        create_backend(weight_only, "tensorrt")
+
+
+@pytest.mark.parametrize("extra", [("--backend", "openvino"), ("--quantize-ops", "MatMul")])
+def test_bad_combinations(extra, tiny_bundle, tiny_csv, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert Q.main(_args(tiny_bundle, tiny_csv, out, *extra)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "weight-only" in err[-1] and not out.exists()
