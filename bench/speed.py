@@ -88,11 +88,13 @@ def setups(bundles: list[Bundle], images: np.ndarray, threads: int, ort_weights:
                                          {"inference_precision": precision, "weights": w}, str(vit), "fp32",
                                          precision))
         else:
-            target = b.manifest.get("quantization", {}).get("backend", "onnxruntime")
-            qvit = str(quantized_baseline(vit, target, images[:16], log))
+            q = b.manifest.get("quantization", {})
+            target, method = q.get("backend", "onnxruntime"), q.get("method")
+            qvit = str(quantized_baseline(vit, target, images[:16], log, method))
+            name = f"{prec} {method}" if method == "weight-only" else prec
             for w in ort_weights if target == "onnxruntime" else ov_weights:
                 if w != "split" or b.has_split:
-                    out.append(Setup(f"{target} {prec} ({w})", str(b.path), target, {"weights": w}, qvit, prec, None))
+                    out.append(Setup(f"{target} {name} ({w})", str(b.path), target, {"weights": w}, qvit, prec, None))
     out = [v for s in out for v in ([s] if s.backend != "onnxruntime" else
                                     [_with_spinning(s, spin, len(ort_spinning) > 1) for spin in ort_spinning])]
     if ov_properties:

@@ -112,13 +112,25 @@ def resolve_baseline(spec: str, log: Callable[[str], None] = lambda s: None) -> 
 
 
 def quantized_baseline(fp32: str | os.PathLike, backend: str, images: np.ndarray,
-                       log: Callable[[str], None] = lambda s: None) -> Path:
+                       log: Callable[[str], None] = lambda s: None, method: str | None = None) -> Path:
     """The ViT-B-16 baseline quantized to int8 the same way calibration.quantize quantizes a bundle for ``backend``
     (onnxruntime: quant_pre_process + quantize_static QDQ with the bundle's scheme; openvino: nncf.quantize,
-    TRANSFORMER), calibrated on ``images`` (uint8 [N, S, S, 3]); cached beside the fp32 file."""
-    from calibration.backends import DEFAULT_OPS, SCHEMES, quantize_onnx, quantize_openvino
+    TRANSFORMER; ``method`` weight-only: MatMulNBits, no images), calibrated on ``images`` (uint8 [N, S, S, 3]);
+    cached beside the fp32 file."""
+    from calibration.backends import (DEFAULT_OPS, SCHEMES, WEIGHT_ONLY, quantize_onnx, quantize_openvino,
+                                      quantize_weight_only)
 
     fp32 = Path(fp32)
+    if method == WEIGHT_ONLY:
+        out = fp32.with_name(f"{fp32.stem}-int8-{WEIGHT_ONLY}.onnx")
+        if not out.is_file():
+            import onnx
+
+            log(f"quantizing the {BASELINE_NAME} baseline weight-only once ...")
+            with tempfile.TemporaryDirectory(dir=fp32.parent, prefix=".quant-") as tmp:
+                onnx.save(quantize_weight_only(fp32), str(Path(tmp) / out.name))
+                os.replace(Path(tmp) / out.name, out)
+        return out
     out = fp32.with_name(f"{fp32.stem}-int8-{backend}" + (".xml" if backend == "openvino" else ".onnx"))
     if out.is_file():
         return out

@@ -170,11 +170,13 @@ def vit_baseline(spec: str, profile: DeviceProfile, threads: int | None, images:
     choice = resolve_baseline(spec, log)
     precision = bundle.manifest.get("precision", "fp32") if bundle is not None else profile.precision
     if spec == "auto" and choice.path is not None and precision == "int8":
-        target = bundle.manifest.get("quantization", {}).get("backend", profile.backend)
+        q = bundle.manifest.get("quantization", {})
+        target, method = q.get("backend", profile.backend), q.get("method")
         try:
-            path = quantized_baseline(choice.path, target, images[:16], log)
+            path = quantized_baseline(choice.path, target, images[:16], log, method)
+            how = "weight-only (MatMulNBits)" if method == "weight-only" else "(16 calibration images)"
             choice = type(choice)(path, f"{choice.note}; quantized to int8 for {target} as calibration.quantize does "
-                                        f"(16 calibration images), cached {path}")
+                                        f"{how}, cached {path}")
         except Exception as e:  # quantization failures: time nothing rather than an unfair baseline
             return {"name": BASELINE_NAME, "note": f"int8 baseline skipped: {one_line(e)}", "path": None,
                     "skipped": True}

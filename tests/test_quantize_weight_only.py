@@ -84,3 +84,33 @@ def test_bad_combinations(extra, tiny_bundle, tiny_csv, tmp_path, capsys):
     assert Q.main(_args(tiny_bundle, tiny_csv, out, *extra)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and "weight-only" in err[-1] and not out.exists()
+
+
+def test_baseline_quantized_the_same_way(tmp_path):
+    """bench/speed.py and devices.profile compare a weight-only bundle with a weight-only ViT baseline."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from devices.baseline import quantized_baseline
+
+    rng = np.random.default_rng(0)
+    weight = rng.normal(size=(3 * 16 * 16, 64)).astype(np.float32)
+    x = helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["batch", 3, 16, 16])
+    y = helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", 64])
+    nodes = [helper.make_node("Flatten", ["pixels"], ["flat"], axis=1), helper.make_node("MatMul", ["flat", "w"],
+                                                                                          ["embedding"])]
+    graph = helper.make_graph(nodes, "vit", [x], [y], [numpy_helper.from_array(weight, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "vit.onnx"))
+    path = quantized_baseline(tmp_path / "vit.onnx", "onnxruntime", np.zeros((1, 16, 16, 3), np.uint8),
+                              method="weight-only")
+    assert path.name == "vit-int8-weight-only.onnx"
+    assert [n.op_type for n in onnx.load(str(path)).graph.node] == ["Flatten", "MatMulNBits"]
+    pixels = rng.normal(size=(2, 3, 16, 16)).astype(np.float32)
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"pixels": pixels})[0]
+    want = pixels.reshape(2, -1) @ weight
+    assert np.abs(got - want).max() < 0.01 * np.abs(want).max()
+    mtime = path.stat().st_mtime_ns
+    assert quantized_baseline(tmp_path / "vit.onnx", "onnxruntime", None, method="weight-only") == path  # cached
+    assert path.stat().st_mtime_ns == mtime
