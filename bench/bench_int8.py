@@ -1,11 +1,11 @@
 """fp32 vs int8 per level, in one run on this machine: latency (batch 1, median over interleaved runs after warm-up,
 same threads for every backend) for ONNX Runtime and OpenVINO, their fp32/int8 ratios, and top-1 agreement per level.
 
-    python bench/bench_int8.py FP32_BUNDLE INT8_ORT_BUNDLE [INT8_OV_BUNDLE] --data DIR_OR_CSV [--split val]
+    python bench/bench_int8.py FP32_BUNDLE INT8_BUNDLE [INT8_BUNDLE ...] --data DIR_OR_CSV [--split val]
 
-OpenVINO fp32 is the fp32 ONNX bundle compiled by OpenVINO; OpenVINO int8 is the IR bundle from
-``python -m calibration.quantize --backend openvino``. Each level runs on a real image with the real KV cache of the
-same backend's earlier levels.
+OpenVINO fp32 is the fp32 ONNX bundle compiled by OpenVINO; an int8 ONNX bundle (QDQ, or ``--method weight-only``)
+runs on ONNX Runtime, an OpenVINO IR one (``python -m calibration.quantize --backend openvino``) on OpenVINO. Each
+level runs on a real image with the real KV cache of the same backend's earlier levels.
 """
 from __future__ import annotations
 
@@ -55,20 +55,18 @@ def level_latency(configs: dict[str, tuple[Bundle, str]], patches: list[np.ndarr
 
 
 def markdown(result: dict) -> str:
+    """Rows: configs; columns: median ms per level (int8: its speedup over fp32 on the same backend), agreement."""
     lat, agree = result["latency"], result["agreement"]
-    has_ov = "openvino int8" in lat
-    cols = ["level", "ORT fp32 ms", "ORT int8 ms", "ORT speedup", "OV fp32 ms"]
-    cols += ["OV int8 ms", "OV speedup"] if has_ov else []
-    cols += ["top-1 agree ORT int8"] + (["top-1 agree OV int8"] if has_ov else [])
+    levels = len(lat["onnxruntime fp32"])
+    cols = ["config"] + [f"level {k} ms" for k in range(levels)] + ["top-1 agreement with ORT fp32, per level"]
     rows = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for k in range(len(lat["onnxruntime fp32"])):
-        ms = {name: v[k]["median_ms"] for name, v in lat.items()}
-        row = [str(k), f"{ms['onnxruntime fp32']:.3f}", f"{ms['onnxruntime int8']:.3f}",
-               f"{ms['onnxruntime fp32'] / ms['onnxruntime int8']:.2f}x", f"{ms['openvino fp32']:.3f}"]
-        if has_ov:
-            row += [f"{ms['openvino int8']:.3f}", f"{ms['openvino fp32'] / ms['openvino int8']:.2f}x"]
-        row += [f"{agree['onnxruntime'][k]:.1%}"] + ([f"{agree['openvino'][k]:.1%}"] if has_ov else [])
-        rows.append("| " + " | ".join(row) + " |")
+    for name, per_level in lat.items():
+        ref = lat[f"{name.split()[0]} fp32"]
+        cells = [f"{v['median_ms']:.3f}" + ("" if name in ("onnxruntime fp32", "openvino fp32") else
+                                            f" ({r['median_ms'] / v['median_ms']:.2f}x)")
+                 for v, r in zip(per_level, ref)]
+        rows.append(f"| {name} | " + " | ".join(cells) + " | " +
+                    (" / ".join(f"{a:.1%}" for a in agree[name]) if name in agree else "") + " |")
     m = result["setup"]
     rows.append(f"\nbatch 1, median of {m['runs']} interleaved runs after {m['warmup']} warm-up, {m['threads']} "
                 f"thread(s), {m['cpu']}; agreement vs ORT fp32 on {m['agreement_images']} images of {m['data']}; "
@@ -76,11 +74,19 @@ def markdown(result: dict) -> str:
     return "\n".join(rows)
 
 
+def int8_label(bundle: Bundle) -> tuple[str, str]:
+    """(config name, backend) of an int8 bundle: its backend, scheme and folder name."""
+    q = bundle.manifest.get("quantization", {})
+    backend = "openvino" if bundle.manifest.get("graph_format") == "openvino" else "onnxruntime"
+    scheme = "weight-only" if q.get("method") == "weight-only" else "NNCF" if backend == "openvino" else "QDQ"
+    return f"{backend} int8 {scheme} ({bundle.path.name})", backend
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("fp32", help="fp32 ONNX bundle")
-    p.add_argument("int8_ort", help="int8 QDQ ONNX bundle (calibration.quantize --backend onnxruntime)")
-    p.add_argument("int8_ov", nargs="?", help="int8 OpenVINO IR bundle (calibration.quantize --backend openvino)")
+    p.add_argument("int8", nargs="+", help="int8 bundles from calibration.quantize: ONNX ones run on ONNX Runtime "
+                                           "(QDQ or --method weight-only), OpenVINO IR ones on OpenVINO")
     p.add_argument("--data", required=True, help="images (folder or CSV) for the agreement check and the timed image")
     p.add_argument("--split", help="CSV split (use one not used for calibration, e.g. val)")
     p.add_argument("--images", type=int, default=128, help="images for the top-1 agreement (default 128)")
@@ -95,23 +101,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     import openvino
 
     try:
-        fp32, q_ort = load_bundle(args.fp32), load_bundle(args.int8_ort)
-        q_ov = load_bundle(args.int8_ov) if args.int8_ov else None
+        fp32, quantized = load_bundle(args.fp32), [load_bundle(b) for b in args.int8]
         records = read_image_list(args.data, args.split, limit=args.images)
     except (BundleError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if bad := [str(b.path) for b in quantized if b.manifest.get("precision") != "int8"]:
+        print(f"error: not int8 bundles: {', '.join(bad)}", file=sys.stderr)
+        return 2
     images, kept, _ = load_images(records, fp32.preprocessing)
     patches = images_to_levels(images, fp32.preprocessing)
-    configs = {"onnxruntime fp32": (fp32, "onnxruntime"), "onnxruntime int8": (q_ort, "onnxruntime"),
-               "openvino fp32": (fp32, "openvino")}
-    if q_ov is not None:
-        configs["openvino int8"] = (q_ov, "openvino")
+    configs = {"onnxruntime fp32": (fp32, "onnxruntime"), "openvino fp32": (fp32, "openvino")}
+    for b in quantized:
+        name, backend = int8_label(b)
+        configs[name] = (b, backend)
     latency = level_latency(configs, [p[:1] for p in patches], args.threads, args.runs, args.warmup)
-    agreement = {"onnxruntime": [e["top1_agreement"] for e in compare(fp32, q_ort, patches, progress=False)["levels"]]}
-    if q_ov is not None:
-        agreement["openvino"] = [e["top1_agreement"]
-                                 for e in compare(fp32, q_ov, patches, "openvino", progress=False)["levels"]]
+    agreement = {name: [e["top1_agreement"] for e in compare(fp32, b, patches, backend, progress=False)["levels"]]
+                 for name, (b, backend) in configs.items() if b is not fp32}
     result = {"setup": {"cpu": cpu_record()["model"], "threads": args.threads, "runs": args.runs, "warmup": args.warmup,
                         "batch": 1, "data": f"{args.data}" + (f" ({args.split})" if args.split else ""),
                         "agreement_images": len(kept), "bundles": {n: str(b.path) for n, (b, _) in configs.items()},

@@ -114,3 +114,21 @@ def test_baseline_quantized_the_same_way(tmp_path):
     mtime = path.stat().st_mtime_ns
     assert quantized_baseline(tmp_path / "vit.onnx", "onnxruntime", None, method="weight-only") == path  # cached
     assert path.stat().st_mtime_ns == mtime
+
+
+def test_bench_int8_times_every_int8_bundle(weight_only, tiny_bundle, tiny_csv, tmp_path, capsys):
+    """bench/bench_int8.py FP32 INT8 [INT8 ...]: a weight-only bundle beside fp32, on its own backend."""
+    from bench_module import load_bench
+
+    bench = load_bench("bench_int8")
+    out = tmp_path / "r.json"
+    assert bench.main([str(tiny_bundle), str(weight_only.path), "--data", str(tiny_csv), "--split", "val",
+                       "--images", "8", "--runs", "50", "--warmup", "1", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    name = f"onnxruntime int8 weight-only ({weight_only.path.name})"
+    assert set(result["latency"]) == {"onnxruntime fp32", "openvino fp32", name}
+    assert all(len(v) == 4 and all(lv["median_ms"] > 0 for lv in v) for v in result["latency"].values())
+    assert list(result["agreement"]) == [name] and len(result["agreement"][name]) == 4
+    table = capsys.readouterr().out
+    assert f"| {name} |" in table and "x) |" in table
+    assert bench.main([str(tiny_bundle), str(tiny_bundle), "--data", str(tiny_csv), "--runs", "50"]) == 2  # not int8
