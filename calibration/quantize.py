@@ -321,8 +321,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="activation range calibration (default minmax). OpenVINO maps minmax->MINMAX, "
                         f"percentile->MEAN_QUANTILE, entropy->HISTOGRAM. {WEIGHT_ONLY}: int8 weights in blocks of "
                         f"{WEIGHT_ONLY_SCHEME.block_size} (ONNX Runtime MatMulNBits), float activations, no "
-                        "calibration images; nearest to fp32, 4x smaller weights, onnxruntime backend (CPU, CUDA) "
-                        "only")
+                        "calibration images; nearest to fp32, 4x smaller weights; --backend onnxruntime "
+                        "(OpenVINO reads it too, TensorRT does not)")
     p.add_argument("--eval-data", metavar="DIR_OR_CSV",
                    help="held-out images for the fp32 vs int8 check (default: --data images not used for "
                         "calibration); calibration images are always excluded")
