@@ -28,7 +28,8 @@ def _args(bundle, csv, out, *extra) -> list[str]:
 @pytest.fixture(scope="module")
 def weight_only(tiny_bundle, tiny_csv, tmp_path_factory):
     out = tmp_path_factory.mktemp("wo") / "int8"
-    assert Q.main(_args(tiny_bundle, tiny_csv, out)) == 0  # the default --min-agreement 0.99
+    # A random tiny model's top-1/top-2 margins are tiny: 1 of the 48 images flips at level 0 (cosine 0.99996)
+    assert Q.main(_args(tiny_bundle, tiny_csv, out, "--min-agreement", "0.95")) == 0
     return load_bundle(out)
 
 
@@ -45,7 +46,7 @@ def test_bundle_contract(weight_only, tiny_bundle):
     assert m["precision"] == "int8" and m["head"] == fp32.manifest["head"] and m["gate"] == fp32.manifest["gate"]
     q = m["quantization"]
     assert q["method"] == "weight-only" and q["format"].startswith("MatMulNBits") and q["samples"] == 0
-    assert q["weights"]["type"] == "int8" and q["weights"]["block_size"] == 16 and q["activations"]["type"] == "float32"
+    assert q["weights"]["type"] == "int8" and q["weights"]["block_size"] == 32 and q["activations"]["type"] == "float32"
     body_q, body_f = _matmuls(weight_only.body_path())
     for k in range(weight_only.num_levels):
         quantized, plain = _matmuls(weight_only.level_path(k))
@@ -60,7 +61,7 @@ def test_bundle_contract(weight_only, tiny_bundle):
 
 def test_agrees_with_fp32_on_every_form(weight_only, tiny_bundle, sample_images):
     report = json.loads((weight_only.path / "quantization_report.json").read_text())
-    assert report["passed"] and report["min_top1_agreement"] >= 0.99 and len(report["split"]["levels"]) == 4
+    assert report["passed"] and report["min_top1_agreement"] >= 0.95 and len(report["split"]["levels"]) == 4
     assert all(lv["cosine_mean"] > 0.9999 for lv in report["levels"] + report["split"]["levels"])
     fp32 = load_bundle(tiny_bundle)
     patches = preprocess(sample_images[:6], fp32.preprocessing)
