@@ -73,9 +73,9 @@ SCHEMES = {"onnxruntime": OnnxScheme("uint8", False, quantize_outputs=False, wei
 class WeightOnlyScheme:
     """MatMulNBits settings: int8 weights, symmetric, one scale per ``block_size`` input rows of each column.
     ``accuracy_level`` 4: the kernel quantizes the activations to int8 per block on the fly and computes in int8
-    (VNNI/AMX). Measured (AMD EPYC, AVX-512 VNNI, bench/bench_int8.py): at waveclip-b16 1.33-1.49x fp32 speed (QDQ
-    2.3-2.8x); on the 3.5 M-parameter demo 0.93x. Level 1 (fp32 compute) agreed more on the demo (99.2-99.5% against
-    98.3-99.4%) but ran 3x slower than fp32: a quantized model slower than float is no option."""
+    (VNNI/AMX). Measured (AMD EPYC, AVX-512 VNNI, bench/bench_int8.py): 1.33-1.49x fp32's speed at waveclip-b16
+    (QDQ 2.3-2.8x), 1.15-1.20x on the 3.5 M-parameter demo (blocks of 16: 0.93x). Level 1 (fp32 compute) agreed a
+    little more on the demo (98.9-99.6% against 98.4-98.9%) but ran 3x slower than fp32."""
 
     block_size: int = 32
     accuracy_level: int = 4
