@@ -115,6 +115,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for b in quantized:
         name, backend = int8_label(b)
         configs[name] = (b, backend)
+    if len(configs) != 2 + len(quantized):
+        print("error: two int8 bundles share a scheme and a folder name; rename one", file=sys.stderr)
+        return 2
     latency = level_latency(configs, [p[:1] for p in patches], args.threads, args.runs, args.warmup)
     agreement = {name: [e["top1_agreement"] for e in compare(fp32, b, patches, backend, progress=False)["levels"]]
                  for name, (b, backend) in configs.items() if b is not fp32}

@@ -243,16 +243,14 @@ def _write_levels(fp32: Bundle, patches: list[np.ndarray], tmp: Path, scratch: P
     for k in tqdm(range(fp32.num_levels), desc=f"quantize ({backend})", unit="level", disable=not progress):
         inputs = next(feeds) if feeds is not None else None
         src = fp32.level_path(k)
-        if method == WEIGHT_ONLY:
-            proto = quantize_weight_only(src)
-            counts = weight_only_summary(proto)
-            files.append(f"level{k}.onnx")
-            save_graph(weights.externalize(proto), tmp / files[-1])
-            onnx.checker.check_model(str(tmp / files[-1]))
-        elif weights is not None:
-            proto = quantize_onnx(src, CascadeCalibrationReader(inputs, ORT_BATCH), scratch / f"level{k}.int8.onnx",
-                                  SCHEMES[backend], method, ops, scratch)
-            counts = onnx_op_summary(proto, ops)
+        if weights is not None:
+            if method == WEIGHT_ONLY:
+                proto = quantize_weight_only(src)
+                counts = weight_only_summary(proto)
+            else:
+                proto = quantize_onnx(src, CascadeCalibrationReader(inputs, ORT_BATCH),
+                                      scratch / f"level{k}.int8.onnx", SCHEMES[backend], method, ops, scratch)
+                counts = onnx_op_summary(proto, ops)
             files.append(f"level{k}.onnx")
             save_graph(weights.externalize(proto), tmp / files[-1])
             onnx.checker.check_model(str(tmp / files[-1]))
