@@ -67,7 +67,8 @@ def decode_all(paths: list[Path]) -> list[np.ndarray]:
     return [np.asarray(load_image(p), dtype=np.uint8) for p in paths]
 
 
-def run_js(node: str, paths: list[Path], arrays: list[np.ndarray], work: Path, *extra: str) -> Path:
+def run_js(node: str, paths: list[Path], arrays: list[np.ndarray], work: Path, *extra: str, bundle: Path = BUNDLE
+           ) -> Path:
     """Hand the decoded RGB to apps/web/test/parity.js; returns its output folder."""
     work.mkdir(parents=True, exist_ok=True)
     index, offset = [], 0
@@ -78,7 +79,7 @@ def run_js(node: str, paths: list[Path], arrays: list[np.ndarray], work: Path, *
             offset += a.nbytes
     (work / "index.json").write_text(json.dumps(index))
     out = work / "js"
-    subprocess.run([node, str(WEB / "test" / "parity.js"), "--bundle", str(BUNDLE), "--pixels", str(work / "rgb.bin"),
+    subprocess.run([node, str(WEB / "test" / "parity.js"), "--bundle", str(bundle), "--pixels", str(work / "rgb.bin"),
                     "--index", str(work / "index.json"), "--out", str(out), *extra], check=True, cwd=WEB,
                    stdout=subprocess.DEVNULL)
     return out
@@ -108,10 +109,10 @@ def compare_decisions(js: list[dict], py: dict) -> tuple[list[str], list[str]]:
     return mismatches, borderline
 
 
-def check_parity(node: str, paths: list[Path], work: Path) -> None:
+def check_parity(node: str, paths: list[Path], work: Path, bundle: Path = BUNDLE) -> None:
     arrays = decode_all(paths)
-    out = run_js(node, paths, arrays, work)
-    spec = json.loads((BUNDLE / "manifest.json").read_text())["preprocessing"]
+    out = run_js(node, paths, arrays, work, bundle=bundle)
+    spec = json.loads((bundle / "manifest.json").read_text())["preprocessing"]
     size = spec["image_size"]
     crops = np.fromfile(out / "crops.bin", np.uint8).reshape(len(paths), size, size, 3)
     expected = np.stack([image_to_array(a, spec) for a in arrays])
@@ -123,13 +124,30 @@ def check_parity(node: str, paths: list[Path], work: Path) -> None:
         err = float(np.abs(js - ref).max())
         assert err <= PATCH_ATOL, f"level {k}: JS patches differ by {err:.2e} (> {PATCH_ATOL})"
     js_results = json.loads((out / "results.json").read_text())
-    mismatches, borderline = compare_decisions(js_results, python_classify(paths))
+    mismatches, borderline = compare_decisions(js_results, python_classify(paths, bundle))
     assert not mismatches, f"{len(mismatches)} of {len(paths)} decisions differ: {mismatches[:5]}"
     assert len(borderline) <= max(1, len(paths) // 100), f"too many borderline decisions: {borderline}"
 
 
 def test_js_matches_python_on_shipped_images(node, tmp_path):
     check_parity(node, EXAMPLES, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def weight_only_bundle(tmp_path_factory) -> Path:
+    """The demo bundle with int8 weights (``calibration.quantize --method weight-only``: ONNX Runtime's
+    MatMulNBits, a com.microsoft op that onnxruntime-node and onnxruntime-web must both run)."""
+    out = tmp_path_factory.mktemp("weight-only") / "bundle"
+    subprocess.run([sys.executable, "-m", "calibration.quantize", str(BUNDLE), "--data",
+                    str(REPO / "examples" / "images"), "-o", str(out), "--method", "weight-only", "--eval-samples", "8", "--min-agreement", "0", "-q"],
+                   check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+    return out
+
+
+def test_js_runs_a_weight_only_bundle(node, weight_only_bundle, tmp_path):
+    for graph in ("level0.onnx", "body.onnx"):  # the graphs really hold the weight-only op
+        assert b"MatMulNBits" in (weight_only_bundle / graph).read_bytes(), graph
+    check_parity(node, EXAMPLES, tmp_path, weight_only_bundle)
 
 
 @pytest.mark.slow
@@ -166,6 +184,19 @@ def test_js_refuses_a_tampered_bundle(node, tmp_path):
     assert "level2.onnx does not match its sha256" in proc.stdout
 
 
+def test_js_refuses_an_openvino_bundle_in_one_line(node, tmp_path):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(BUNDLE, bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    (bundle / "manifest.json").write_text(json.dumps({**manifest, "graph_format": "openvino"}))
+    script = ("import {openBundle} from './src/node.js';"
+              f"openBundle({json.dumps(str(bundle))}).then(() => console.log('loaded'), e => console.log(e.message));")
+    proc = subprocess.run([node, "--input-type=module", "-e", script], cwd=WEB, capture_output=True, text=True,
+                          check=True)
+    assert proc.stdout.strip() == ('manifest.json: graph format "openvino" is not supported: the browser runs ONNX '
+                                   'bundles (this one needs the Python runtime)')
+
+
 class StaticServer:
     """apps/web/serve.js on 127.0.0.1 (a free port), with extra folders mounted."""
 
@@ -193,7 +224,7 @@ def run_browser(node: str, chromium: str, url: str, cases: list[dict], work: Pat
 
 
 @pytest.mark.slow
-def test_page_in_headless_chromium(node, chromium, tmp_path):
+def test_page_in_headless_chromium(node, chromium, weight_only_bundle, tmp_path):
     png = tmp_path / "chelsea_cat.png"
     load_image(REPO / "examples" / "images" / "chelsea_cat.jpg").save(png)
     (tmp_path / "notes.txt").write_text("not an image\n")
@@ -218,6 +249,8 @@ def test_page_in_headless_chromium(node, chromium, tmp_path):
     cases = [{"name": "demo-bundle", "uploads": uploads},
              {"name": "int8-folder", "bundle_files": [str(BUNDLE_INT8)],
               "uploads": [{"name": "int8", "file": str(png)}]},
+             {"name": "weight-only-folder", "bundle_files": [str(weight_only_bundle)],
+              "uploads": [{"name": "weight-only", "file": str(png)}]},
              {"name": "tampered", "query": "?bundle=/tampered/"},
              {"name": "missing-bundle", "query": "?bundle=/no-such-bundle/"},
              {"name": "no-scripts", "query": "/broken/index.html"}]
@@ -241,6 +274,10 @@ def test_page_in_headless_chromium(node, chromium, tmp_path):
     assert folder["state"] == "ready" and "(int8, 4 levels" in folder["bundle_name"], folder
     int8 = python_classify([png], BUNDLE_INT8)["results"][0]
     assert (out["int8"]["label"], out["int8"]["exit_level"]) == (int8["label"], int8["exit_level"])
+    # weight-only int8 (MatMulNBits) runs in onnxruntime-web's WASM too, with runtime.classify's decision
+    assert out["weight-only-folder"]["state"] == "ready", out["weight-only-folder"]
+    wo = python_classify([png], weight_only_bundle)["results"][0]
+    assert (out["weight-only"]["label"], out["weight-only"]["exit_level"]) == (wo["label"], wo["exit_level"])
     spec = json.loads((BUNDLE / "manifest.json").read_text())["preprocessing"]
     for name, source in [("png", png)] + [(p.name, p) for p in EXAMPLES]:
         expected_crop = image_to_array(load_image(source), spec)

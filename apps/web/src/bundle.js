@@ -62,6 +62,8 @@ export function checkManifest(m) {
   need(m && typeof m === "object" && m.format === BUNDLE_FORMAT, "not a waveclip-edge bundle manifest");
   need(m.format_version === BUNDLE_FORMAT_VERSION,
        `bundle format version ${JSON.stringify(m.format_version)} is not supported (this app reads version ${BUNDLE_FORMAT_VERSION})`);
+  need((m.graph_format ?? "onnx") === "onnx",
+       `graph format "${m.graph_format}" is not supported: the browser runs ONNX bundles (this one needs the Python runtime)`);
   for (const key of ["model", "preprocessing", "kv_cache", "levels", "head", "gate", "files"]) {
     need(m[key] && typeof m[key] === "object", `missing "${key}"`);
   }
