@@ -12,6 +12,7 @@ import numpy as np
 from tqdm import tqdm
 
 from runtime.backends import BACKENDS, BackendError
+from runtime.backends.ort import WEIGHTS
 from runtime.bundle import BundleError, load_bundle
 from runtime.cascade import Cascade, Result
 from runtime.cli import ArgumentParser, integer, key_value, threshold
@@ -39,6 +40,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ov-property", type=key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="an OpenVINO property for every compiled model (--backend openvino; repeatable), e.g. "
                         "CPU_RUNTIME_CACHE_CAPACITY=0: less memory, some latency")
+    p.add_argument("--weights", choices=WEIGHTS, default="auto",
+                   help="how onnxruntime/openvino hold the graphs: auto (default: the split graphs when the bundle has "
+                        "them, one body for every level, the weights once in memory), split, or levels (one session "
+                        "per level graph, as apps/web runs them; an int8 bundle's level graphs and split body are "
+                        "quantized apart, so their answers may differ a little)")
     p.add_argument("--json", action="store_true", help="print one JSON document with every result and the summary")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle files")
     return p.parse_args(argv)
@@ -71,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.backend != "openvino":
                 raise ValueError("--ov-property needs --backend openvino")
             options["properties"] = dict(args.ov_property)
+        if args.weights != "auto":
+            if args.backend == "tensorrt":
+                raise ValueError("--weights applies to --backend onnxruntime or openvino")
+            options["weights"] = args.weights
         cascade = Cascade(bundle, args.backend, thresholds, args.max_level, labels, args.top_k, **options)
     except (BundleError, BackendError, ValueError) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)

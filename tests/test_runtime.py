@@ -163,6 +163,27 @@ def test_cli_json(tiny_bundle):
     assert len(r["top_k"]) == 3 and len(r["level_ms"]) == r["exit_level"] + 1
 
 
+def test_cli_weights_picks_the_graphs_an_int8_bundle_runs():
+    """An int8 bundle's level graphs and split body are quantized apart: --weights levels answers as apps/web does
+    (the level graphs), split as the default; each equals the Cascade of that mode, and the two differ."""
+    int8 = REPO / "models" / "waveclip-demo" / "bundle-int8"
+    margins_by_mode = {}
+    for mode in ("levels", "split"):
+        out = run_cli(int8, REPO / "examples" / "images", "--json", "--weights", mode)
+        assert out.returncode == 0, out.stderr
+        got = {Path(r["image"]).name: (r["label"], r["exit_level"], r["margin"])
+               for r in json.loads(out.stdout)["results"]}
+        results = Cascade(int8, weights=mode).classify(EXAMPLES)
+        want = {p.name: (r.label, r.exit_level, r.margin) for p, r in zip(EXAMPLES, results)}
+        assert got.keys() == want.keys()
+        for name in got:
+            assert got[name][:2] == want[name][:2] and got[name][2] == pytest.approx(want[name][2], abs=1e-4), name
+        margins_by_mode[mode] = [got[n][2] for n in sorted(got)]
+    assert np.abs(np.subtract(margins_by_mode["levels"], margins_by_mode["split"])).max() > 1e-3
+    out = run_cli(int8, EXAMPLES[0], "--weights", "levels", "--backend", "tensorrt")
+    assert out.returncode == 2 and out.stderr.strip() == "error: --weights applies to --backend onnxruntime or openvino"
+
+
 def test_cli_bad_images_are_skipped_and_the_rest_classified(tiny_bundle, tmp_path):
     folder = tmp_path / "imgs"
     folder.mkdir()
