@@ -43,8 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weights", choices=WEIGHTS, default="auto",
                    help="how onnxruntime/openvino hold the graphs: auto (default: the split graphs when the bundle has "
                         "them, one body for every level, the weights once in memory), split, or levels (one session "
-                        "per level graph, as apps/web runs them; an int8 bundle's level graphs and split body are "
-                        "quantized apart, so their answers may differ a little)")
+                        "per level graph; an int8 bundle's level graphs and split body are quantized apart, so their "
+                        "answers may differ a little)")
     p.add_argument("--json", action="store_true", help="print one JSON document with every result and the summary")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle files")
     return p.parse_args(argv)

@@ -164,8 +164,8 @@ def test_cli_json(tiny_bundle):
 
 
 def test_cli_weights_picks_the_graphs_an_int8_bundle_runs():
-    """An int8 bundle's level graphs and split body are quantized apart: --weights levels answers as apps/web does
-    (the level graphs), split as the default; each equals the Cascade of that mode, and the two differ."""
+    """An int8 bundle's level graphs and split body are quantized apart: --weights levels runs the level graphs,
+    split the split body (the default); each equals the Cascade of that mode, and the two differ."""
     int8 = REPO / "models" / "waveclip-demo" / "bundle-int8"
     margins_by_mode = {}
     for mode in ("levels", "split"):

@@ -109,9 +109,11 @@ def compare_decisions(js: list[dict], py: dict) -> tuple[list[str], list[str]]:
     return mismatches, borderline
 
 
-def check_parity(node: str, paths: list[Path], work: Path, bundle: Path = BUNDLE) -> None:
+def check_parity(node: str, paths: list[Path], work: Path, bundle: Path = BUNDLE, weights: str = "auto") -> None:
+    """The JS module and runtime.classify on the same decoded pixels, both holding the graphs as ``weights`` says
+    (auto: the split graphs; an int8 bundle quantizes its level graphs and split body apart)."""
     arrays = decode_all(paths)
-    out = run_js(node, paths, arrays, work, bundle=bundle)
+    out = run_js(node, paths, arrays, work, "--weights", weights, bundle=bundle)
     spec = json.loads((bundle / "manifest.json").read_text())["preprocessing"]
     size = spec["image_size"]
     crops = np.fromfile(out / "crops.bin", np.uint8).reshape(len(paths), size, size, 3)
@@ -124,14 +126,15 @@ def check_parity(node: str, paths: list[Path], work: Path, bundle: Path = BUNDLE
         err = float(np.abs(js - ref).max())
         assert err <= PATCH_ATOL, f"level {k}: JS patches differ by {err:.2e} (> {PATCH_ATOL})"
     js_results = json.loads((out / "results.json").read_text())
-    # the JS cascade runs the level graphs: an int8 bundle's split body is quantized apart from them
-    mismatches, borderline = compare_decisions(js_results, python_classify(paths, bundle, "--weights", "levels"))
+    mismatches, borderline = compare_decisions(js_results, python_classify(paths, bundle, "--weights", weights))
     assert not mismatches, f"{len(mismatches)} of {len(paths)} decisions differ: {mismatches[:5]}"
     assert len(borderline) <= max(1, len(paths) // 100), f"too many borderline decisions: {borderline}"
 
 
-def test_js_matches_python_on_shipped_images(node, tmp_path):
-    check_parity(node, EXAMPLES, tmp_path)
+@pytest.mark.parametrize("bundle", [BUNDLE, BUNDLE_INT8], ids=["fp32", "int8"])
+@pytest.mark.parametrize("weights", ["auto", "levels"])
+def test_js_matches_python_on_shipped_images(node, tmp_path, bundle, weights):
+    check_parity(node, EXAMPLES, tmp_path, bundle, weights)
 
 
 @pytest.fixture(scope="module")
@@ -274,12 +277,11 @@ def test_page_in_headless_chromium(node, chromium, weight_only_bundle, tmp_path)
     # a bundle folder chosen in the page (the int8 one): its own manifest, graphs and decisions
     folder = out["int8-folder"]
     assert folder["state"] == "ready" and "(int8, 4 levels" in folder["bundle_name"], folder
-    # the page runs the level graphs, which an int8 bundle quantizes apart from its split body (Python's default)
-    int8 = python_classify([png], BUNDLE_INT8, "--weights", "levels")["results"][0]
+    int8 = python_classify([png], BUNDLE_INT8)["results"][0]  # both run the split graphs by default
     assert (out["int8"]["label"], out["int8"]["exit_level"]) == (int8["label"], int8["exit_level"])
     # weight-only int8 (MatMulNBits) runs in onnxruntime-web's WASM too, with runtime.classify's decision
     assert out["weight-only-folder"]["state"] == "ready", out["weight-only-folder"]
-    wo = python_classify([png], weight_only_bundle, "--weights", "levels")["results"][0]
+    wo = python_classify([png], weight_only_bundle)["results"][0]
     assert (out["weight-only"]["label"], out["weight-only"]["exit_level"]) == (wo["label"], wo["exit_level"])
     spec = json.loads((BUNDLE / "manifest.json").read_text())["preprocessing"]
     for name, source in [("png", png)] + [(p.name, p) for p in EXAMPLES]:

@@ -38,26 +38,72 @@ export function softmaxMargin(probs) {
 
 export class Cascade {
   /**
-   * Create one inference session per level graph. The graphs keep their large initializers in the bundle's one
-   * external-data file (manifest.external_data), handed to every session from memory.
+   * Create the sessions. `weights`: "auto" (default) runs the bundle's split graphs when it has them (each level's
+   * small embedding graph and ONE body for every level: the weights once in memory, and for an int8 bundle the same
+   * quantized body the Python runtime runs by default), "levels" one session per level graph, "split" the split
+   * graphs or an error. The graphs keep their large initializers in the bundle's one external-data file
+   * (manifest.external_data), handed to every session from memory.
    */
-  static async create(ort, bundle, { executionProviders = ["wasm"], sessionOptions = {} } = {}) {
+  static async create(ort, bundle, { executionProviders = ["wasm"], sessionOptions = {}, weights = "auto" } = {}) {
     const m = bundle.manifest;
+    if (!["auto", "levels", "split"].includes(weights)) {
+      throw new Error(`weights "${weights}": choose auto, levels or split`);
+    }
+    if (weights === "split" && !m.split) {
+      throw new Error("this bundle has no split graphs (export it without --no-split)");
+    }
     const options = { ...sessionOptions, executionProviders };
-    if (m.external_data) options.externalData = [{ path: m.external_data.file, data: bundle.files.get(m.external_data.file) }];
+    if (m.external_data) {
+      options.externalData = [{ path: m.external_data.file, data: bundle.files.get(m.external_data.file) }];
+    }
+    const open = (file) => ort.InferenceSession.create(bundle.files.get(file), options);
+    if (m.split && weights !== "levels") {
+      const embeds = [];
+      for (const e of m.split.embed) embeds.push(await open(e.file));
+      const body = await open(m.split.body.file);
+      return new Cascade(ort, bundle, m.levels.map(() => body), executionProviders, embeds);
+    }
     const sessions = [];
-    for (const level of m.levels) sessions.push(await ort.InferenceSession.create(bundle.files.get(level.file), options));
+    for (const level of m.levels) sessions.push(await open(level.file));
     return new Cascade(ort, bundle, sessions, executionProviders);
   }
 
-  constructor(ort, bundle, sessions, executionProviders) {
+  constructor(ort, bundle, sessions, executionProviders, embeds = null) {
     this.ort = ort;
     this.bundle = bundle;
     this.sessions = sessions;
+    this.embeds = embeds;
+    this.weights = embeds ? "split" : "levels";
     this.executionProviders = executionProviders;
     const m = bundle.manifest;
     this.thresholds = [...m.gate.thresholds];
     this.present = presentNames(m);
+  }
+
+  /** The inputs of level k's graph for one image: its patches (split: the tokens of its embedding graph, the level
+   * index and, at level 0, an empty KV cache) and `past`, the previous level's present tensors. */
+  async levelFeeds(k, patches, past) {
+    const m = this.bundle.manifest;
+    const spec = m.preprocessing.levels[k];
+    const tensor = new this.ort.Tensor("float32", patches, [1, spec.tokens, spec.values_per_token]);
+    if (!this.embeds) {
+      const feeds = { [patchInputName(m, k)]: tensor };
+      pastNames(m, k).forEach((name, i) => { feeds[name] = past[i]; });
+      return feeds;
+    }
+    const embed = this.embeds[k];
+    const tokens = (await embed.run({ [embed.inputNames[0]]: tensor }))[embed.outputNames[0]];
+    const feeds = { level: new this.ort.Tensor("int64", BigInt64Array.from([BigInt(k)]), []), tokens };
+    const kv = m.kv_cache;
+    const empty = () => new this.ort.Tensor("float32", new Float32Array(0), [1, kv.num_heads, 0, kv.head_dim]);
+    pastNames(m, 1).forEach((name, i) => { feeds[name] = k ? past[i] : empty(); });
+    return feeds;
+  }
+
+  /** The embedding output of level k's session (the output that is not a KV cache). */
+  embeddingName(k) {
+    return this.embeds ? this.sessions[k].outputNames.find((n) => !this.present.includes(n))
+      : embeddingOutputName(this.bundle.manifest, k);
   }
 
   get numLevels() {
@@ -75,11 +121,8 @@ export class Cascade {
     let past = null, probs = null, margin = 0, k = 0;
     for (; k <= maxLevel; k++) {
       const t0 = now();
-      const spec = m.preprocessing.levels[k];
-      const feeds = { [patchInputName(m, k)]: new this.ort.Tensor("float32", levels[k], [1, spec.tokens, spec.values_per_token]) };
-      pastNames(m, k).forEach((name, i) => { feeds[name] = past[i]; });
-      const out = await this.sessions[k].run(feeds);
-      probs = headProbabilities(this.bundle, out[embeddingOutputName(m, k)].data);
+      const out = await this.sessions[k].run(await this.levelFeeds(k, levels[k], past));
+      probs = headProbabilities(this.bundle, out[this.embeddingName(k)].data);
       margin = softmaxMargin(probs);
       levelMargins.push(margin);
       const exit = k === maxLevel || margin >= thresholds[k];
@@ -103,17 +146,14 @@ export class Cascade {
   }
 
   /**
-   * Milliseconds of each level graph alone (session.run, no head or gate), `runs` times after one warm-up, fed the
-   * real KV cache of the levels before it.
+   * Milliseconds of each level graph alone (session.run, no head or gate; split: the body, its tokens computed
+   * once before), `runs` times after one warm-up, fed the real KV cache of the levels before it.
    */
   async timeLevels(levels, runs) {
-    const m = this.bundle.manifest;
     const feeds = [];
     let past = null;
     for (let k = 0; k < this.numLevels; k++) {
-      const spec = m.preprocessing.levels[k];
-      const f = { [patchInputName(m, k)]: new this.ort.Tensor("float32", levels[k], [1, spec.tokens, spec.values_per_token]) };
-      pastNames(m, k).forEach((name, i) => { f[name] = past[i]; });
+      const f = await this.levelFeeds(k, levels[k], past);
       feeds.push(f);
       const out = await this.sessions[k].run(f);
       past = this.present.map((name) => out[name]);
@@ -138,6 +178,6 @@ export class Cascade {
   }
 
   async release() {
-    for (const s of this.sessions) await s.release?.();
+    for (const s of new Set([...this.sessions, ...(this.embeds ?? [])])) await s.release?.();
   }
 }

@@ -25,10 +25,10 @@ export function fsReader(folder) {
 }
 
 /** Load a bundle folder and create its cascade on onnxruntime-node (CPU). */
-export async function openBundle(folder, { verify = true, threads } = {}) {
+export async function openBundle(folder, { verify = true, threads, weights = "auto" } = {}) {
   const ort = await import("onnxruntime-node");
   const bundle = await loadBundle(fsReader(folder), { verify });
   const sessionOptions = threads ? { intraOpNumThreads: threads, interOpNumThreads: 1 } : {};
-  const cascade = await Cascade.create(ort.default ?? ort, bundle, { executionProviders: ["cpu"], sessionOptions });
+  const cascade = await Cascade.create(ort.default ?? ort, bundle, { executionProviders: ["cpu"], sessionOptions, weights });
   return { bundle, cascade };
 }

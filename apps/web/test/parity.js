@@ -3,6 +3,7 @@
 // results out (raw little-endian files + results.json), for the Python side to compare with runtime's.
 //
 //   node test/parity.js --bundle DIR --pixels rgb.bin --index index.json --out DIR [--resample NAME] [--no-cascade]
+//       [--weights auto|levels|split]
 //
 // index.json: [{"name": str, "width": int, "height": int, "offset": int}, ...] (offsets into rgb.bin, packed RGB).
 
@@ -18,7 +19,7 @@ const { values: args } = parseArgs({
   options: {
     bundle: { type: "string" }, pixels: { type: "string" }, index: { type: "string" }, out: { type: "string" },
     resample: { type: "string" }, "no-cascade": { type: "boolean", default: false },
-    threads: { type: "string" },
+    threads: { type: "string" }, weights: { type: "string", default: "auto" },
   },
 });
 for (const key of ["bundle", "pixels", "index", "out"]) {
@@ -30,7 +31,7 @@ for (const key of ["bundle", "pixels", "index", "out"]) {
 
 const cascadeWanted = !args["no-cascade"];
 const { bundle, cascade } = cascadeWanted
-  ? await openBundle(args.bundle, { threads: args.threads ? Number(args.threads) : undefined })
+  ? await openBundle(args.bundle, { threads: args.threads ? Number(args.threads) : undefined, weights: args.weights })
   : { bundle: await loadBundle(fsReader(args.bundle)), cascade: null };
 const spec = { ...bundle.manifest.preprocessing };
 if (args.resample) spec.resample = args.resample;
