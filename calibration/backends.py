@@ -84,7 +84,10 @@ class WeightOnlyScheme:
         return {"library": "onnxruntime.quantization.matmul_nbits_quantizer: MatMulNBitsQuantizer (round to nearest)",
                 "format": "MatMulNBits (com.microsoft, weight-only)",
                 "weights": {"type": "int8", "per_channel": False, "block_size": self.block_size, "symmetric": True},
-                "activations": {"type": "float32"}, "accuracy_level": self.accuracy_level}
+                "activations": {"type": "float32",  # in the graph; level 4 quantizes them inside the kernel
+                                "kernel_compute": "int8, activations quantized per block on the fly"
+                                if self.accuracy_level == 4 else "float"},
+                "accuracy_level": self.accuracy_level}
 
 
 WEIGHT_ONLY_SCHEME = WeightOnlyScheme()

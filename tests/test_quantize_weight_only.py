@@ -47,6 +47,7 @@ def test_bundle_contract(weight_only, tiny_bundle):
     q = m["quantization"]
     assert q["method"] == "weight-only" and q["format"].startswith("MatMulNBits") and q["samples"] == 0
     assert q["weights"]["type"] == "int8" and q["weights"]["block_size"] == 32 and q["activations"]["type"] == "float32"
+    assert q["activations"]["kernel_compute"].startswith("int8") and q["accuracy_level"] == 4
     body_q, body_f = _matmuls(weight_only.body_path())
     for k in range(weight_only.num_levels):
         quantized, plain = _matmuls(weight_only.level_path(k))

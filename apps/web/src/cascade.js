@@ -73,7 +73,6 @@ export class Cascade {
     this.bundle = bundle;
     this.sessions = sessions;
     this.embeds = embeds;
-    this.weights = embeds ? "split" : "levels";
     this.executionProviders = executionProviders;
     const m = bundle.manifest;
     this.thresholds = [...m.gate.thresholds];
