@@ -13,7 +13,7 @@ from model.teachers import load_teacher
 from runtime.preprocess import image_to_array
 from train import distill, setup
 from train.augment import Augment
-from train.teacher_cache import pool_map, teacher_targets
+from train.teacher_cache import pool_map, teacher_targets, with_augmented_views
 
 from conftest import write_noise_images
 
@@ -75,6 +75,27 @@ def test_cached_views_pair_teacher_targets_with_the_students_pixels(images, tmp_
     _, plain = teacher_targets(teacher, images, tmp_path, dense_grid=2, flip=False, progress=False)
     _, reseeded = teacher_targets(teacher, images, tmp_path, dense_grid=2, progress=False, augment=Augment(2, 1, SPEC))
     assert len({stats["key"], plain["key"], reseeded["key"]}) == 3 and reseeded["computed"] == 6
+
+
+def test_more_views_reuse_the_cached_blocks(images, tmp_path):
+    """Views are cached in blocks of two: growing --aug-views from 2 to 3 runs the teacher on view 2 only, and the
+    views keep their numbers (view k is the same pixels and targets whatever K)."""
+    teacher = load_teacher(TEACHER)
+    n = len(images)
+    plain, _ = teacher_targets(teacher, images, tmp_path, dense_grid=2, flip=False, progress=False)
+    arrays = np.stack([image_to_array(Image.open(r.path).convert("RGB"), SPEC) for r in images])
+    grow = lambda k: with_augmented_views(teacher, images, plain, arrays, tmp_path, Augment(k, 0, SPEC),  # noqa: E731
+                                          dense_grid=2, batch_size=3, student_view=None)
+    two, pixels2, stats2 = grow(2)
+    three, pixels3, stats3 = grow(3)
+    assert stats2["computed"] == n and stats3["computed"] == n  # the second call computed the new block only
+    assert stats3["key"].split(",")[0] == stats2["key"]
+    assert three.emb.shape[1] == 4 and np.array_equal(pixels3[:, :3], pixels2)
+    assert torch.equal(three.emb[:, :3], two.emb) and torch.equal(three.dense[:, :3], two.dense)
+    view = Augment(3, 0, SPEC).view(Image.open(images[1].path).convert("RGB"), images[1].path, 2)
+    assert np.array_equal(pixels3[1, 3], image_to_array(view, SPEC))
+    assert Augment(2, 0, SPEC).block(2, 2).describe() != Augment(2, 0, SPEC).describe()
+    assert Augment(2, 0, SPEC).block(0, 2).describe() == Augment(2, 0, SPEC).describe()  # old caches stay valid
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,10 @@
 """Augmented views for distillation: random-resized crops with colour jitter, each a pure function of (seed, image
 path, view), so the teacher's targets for a view can be cached once and the student trains on exactly those pixels.
 
+Views are numbered from ``first``: ``Augment(2, seed, spec, first=2)`` gives views 2 and 3 of the same sequence, so
+a cache of views 0-1 stays valid when more views are asked for (``train.teacher_cache.with_augmented_views`` caches
+them in blocks of ``VIEW_BLOCK``).
+
 The crop parameters follow torchvision's ``RandomResizedCrop`` (area scale and log-uniform aspect ratio, ten tries,
 then the central crop); the crop and the colour changes are torchvision's functional ops on the PIL image. The
 student sees a view as it sees any image (``runtime.preprocess.image_to_array``), the teacher through its own
@@ -8,6 +12,7 @@ preprocessing, as for the plain image.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import os
@@ -16,6 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 from torchvision.transforms import functional as TF
+
+VIEW_BLOCK = 2  # augmented views are teacher-run and cached in blocks of this many
 
 
 @dataclass(frozen=True)
@@ -28,11 +35,17 @@ class Augment:
     scale: tuple[float, float] = (0.25, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     jitter: float = 0.3  # brightness, contrast and saturation factors in [1 - jitter, 1 + jitter]
+    first: int = 0  # number of the first view
+
+    def block(self, first: int, views: int) -> "Augment":
+        """Views ``first .. first + views - 1`` of the same sequence."""
+        return dataclasses.replace(self, first=first, views=views)
 
     def describe(self) -> str:
         """Everything that changes the views (part of the teacher cache key)."""
         spec = {k: self.spec[k] for k in sorted(self.spec)}
-        return f"aug1|views={self.views}|seed={self.seed}|scale={self.scale}|ratio={self.ratio}|jitter={self.jitter}|{spec}"
+        return f"aug1|views={self.views}|seed={self.seed}|scale={self.scale}|ratio={self.ratio}|jitter={self.jitter}|{spec}" + (
+            f"|first={self.first}" if self.first else "")
 
     def rng(self, path: str | os.PathLike, view: int) -> np.random.Generator:
         digest = hashlib.sha256(f"{self.seed}|{os.path.abspath(path)}|{view}".encode()).digest()
@@ -61,4 +74,4 @@ class Augment:
         return out
 
     def __call__(self, image: Image.Image, path: str | os.PathLike) -> list[Image.Image]:
-        return [self.view(image, path, v) for v in range(self.views)]
+        return [self.view(image, path, self.first + v) for v in range(self.views)]

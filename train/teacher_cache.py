@@ -182,12 +182,28 @@ def with_augmented_views(teacher: Teacher, records: Sequence[ImageRecord], plain
                          cache_dir: str | os.PathLike, augment: Augment, *, dense_grid: int | None, batch_size: int,
                          student_view: dict | None) -> tuple[TeacherTargets, np.ndarray, dict]:
     """``plain`` (one view per image) followed by ``augment``'s cached views: targets [N, 1 + K, ...], the student's
-    pixels [N, 1 + K, S, S, 3] (view 0: ``arrays``, the plain images) and the augmented pass's stats."""
-    aug, stats = teacher_targets(teacher, records, cache_dir, dense_grid=dense_grid, batch_size=batch_size,
-                                 augment=augment, student_view=student_view)
-    pixels = np.concatenate([arrays[:, None], aug.pixels.numpy()], axis=1)
-    dense = None if plain.dense is None or aug.dense is None else torch.cat([plain.dense, aug.dense], 1)
-    return TeacherTargets(torch.cat([plain.emb, aug.emb], 1), dense), pixels, stats
+    pixels [N, 1 + K, S, S, 3] (view 0: ``arrays``, the plain images) and the augmented pass's stats. The views are
+    cached in blocks of ``VIEW_BLOCK`` (views 0-1, 2-3, ...), so asking for more views later runs the teacher on the
+    new blocks only."""
+    from train.augment import VIEW_BLOCK
+
+    blocks, stats = [], []
+    for first in range(augment.first, augment.first + augment.views, VIEW_BLOCK):
+        views = min(VIEW_BLOCK, augment.first + augment.views - first)
+        targets, block_stats = teacher_targets(teacher, records, cache_dir, dense_grid=dense_grid,
+                                               batch_size=batch_size, augment=augment.block(first, views),
+                                               student_view=student_view)
+        blocks.append(targets)
+        stats.append(block_stats)
+    pixels = np.concatenate([arrays[:, None]] + [b.pixels.numpy() for b in blocks], axis=1)
+    dense = None
+    if plain.dense is not None and all(b.dense is not None for b in blocks):
+        dense = torch.cat([plain.dense] + [b.dense for b in blocks], 1)
+    computed, seconds = sum(s["computed"] for s in stats), sum(s["seconds"] for s in stats)
+    merged = {"key": ",".join(s["key"] for s in stats), "images": len(records), "computed": computed,
+              "seconds": round(seconds, 3), "images_per_s": round(computed / seconds, 2) if computed else None,
+              "backend": ",".join(sorted({s["backend"] for s in stats}))}
+    return TeacherTargets(torch.cat([plain.emb] + [b.emb for b in blocks], 1), dense), pixels, merged
 
 
 def teacher_embeddings(teacher: Teacher, records: Sequence[ImageRecord], cache_dir: str | os.PathLike, *,
