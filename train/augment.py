@@ -44,8 +44,9 @@ class Augment:
     def describe(self) -> str:
         """Everything that changes the views (part of the teacher cache key)."""
         spec = {k: self.spec[k] for k in sorted(self.spec)}
-        return f"aug1|views={self.views}|seed={self.seed}|scale={self.scale}|ratio={self.ratio}|jitter={self.jitter}|{spec}" + (
-            f"|first={self.first}" if self.first else "")
+        first = f"|first={self.first}" if self.first else ""  # absent for view 0: caches of views 0.. stay valid
+        return (f"aug1|views={self.views}|seed={self.seed}|scale={self.scale}|ratio={self.ratio}|jitter={self.jitter}"
+                f"|{spec}{first}")
 
     def rng(self, path: str | os.PathLike, view: int) -> np.random.Generator:
         digest = hashlib.sha256(f"{self.seed}|{os.path.abspath(path)}|{view}".encode()).digest()

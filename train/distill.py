@@ -87,9 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "through the teacher's own preprocessing (e.g. Resize 256 + CenterCrop 224 at full "
                         "resolution), which shows the teacher detail and border the student never sees")
     p.add_argument("--aug-views", type=int, default=0, choices=range(0, 9), metavar="K",
-                   help="augmented views per image (random-resized crop + colour jitter), teacher-run once and cached in "
-                        "blocks of two (a larger K later runs the teacher on the new views only); each step draws the plain image or one of them (0: the plain image only; needs "
-                        "--teacher-views 1)")
+                   help="augmented views per image (random-resized crop + colour jitter), teacher-run once and cached "
+                        "in blocks of two (a larger K later runs the teacher on the new views only); each step draws "
+                        "the plain image or one of them (0: the plain image only; needs --teacher-views 1)")
     p.add_argument("--cutmix", type=float, default=0.0, metavar="P",
                    help="paste a box of whole token cells from another image of the batch into a share P of the "
                         "samples, with area-mixed teacher targets (train.mix; 0: off)")

@@ -182,9 +182,9 @@ def with_augmented_views(teacher: Teacher, records: Sequence[ImageRecord], plain
                          cache_dir: str | os.PathLike, augment: Augment, *, dense_grid: int | None, batch_size: int,
                          student_view: dict | None) -> tuple[TeacherTargets, np.ndarray, dict]:
     """``plain`` (one view per image) followed by ``augment``'s cached views: targets [N, 1 + K, ...], the student's
-    pixels [N, 1 + K, S, S, 3] (view 0: ``arrays``, the plain images) and the augmented pass's stats. The views are
-    cached in blocks of ``VIEW_BLOCK`` (views 0-1, 2-3, ...), so asking for more views later runs the teacher on the
-    new blocks only."""
+    pixels [N, 1 + K, S, S, 3] (view 0: ``arrays``, the plain images) and the augmented pass's stats (summed over the
+    blocks; "key" lists each block's). The views are cached in blocks of ``VIEW_BLOCK`` (views 0-1, 2-3, ...), so
+    asking for more views later runs the teacher on the new blocks only."""
     from train.augment import VIEW_BLOCK
 
     blocks, stats = [], []
