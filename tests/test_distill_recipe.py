@@ -145,7 +145,7 @@ def test_recipe_stages_and_help(tmp_path):
     import subprocess
     import sys
 
-    from train.recipe_demo import DEFAULT_STAGES, Stage, _show, _stages, distill_command
+    from train.recipe_demo import DEFAULT_STAGES, Stage, _show, _stages, distill_command, head_command
 
     assert _stages("3400") == (Stage(3400, 0, "student"),)
     assert _stages("3400:native,10500:aug2,12000:student:aug1") == (Stage(3400, 0, "native"), Stage(10500, 2),
@@ -160,6 +160,9 @@ def test_recipe_stages_and_help(tmp_path):
     grown = distill_command(Stage(9000, 2), Path("d.csv"), Path("s.csv"), Path("c.pt"), 2, patch_hidden=384)
     assert "--patch-hidden" not in linear and grown[-2:] == ["--patch-hidden", "384"] and grown[:-2] == linear
     assert linear[linear.index("--steps") + 1] == "9000" and linear[linear.index("--aug-views") + 1] == "2"
+    head = head_command(Path("c.pt"), Path("h.pt"), Path("s.csv"), 2)  # fit on labelled train images, never val
+    assert head[:3] == ["-m", "train.head", "c.pt"] and head[head.index("--split") + 1] == "fit"
+    assert head[head.index("--eval-split") + 1] == "calib" and "val" not in head
     root = Path(__file__).resolve().parents[1]
     ok = subprocess.run([sys.executable, "-m", "train.recipe_demo", "--help"], cwd=root, capture_output=True, text=True)
     assert ok.returncode == 0 and "--steps" in ok.stdout
