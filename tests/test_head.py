@@ -104,3 +104,29 @@ def test_cli_bad_input_exits_2_and_writes_nothing(tiny_checkpoint, labelled, tmp
     assert "exists" in capsys.readouterr().err and out.read_bytes() == b"keep me"
     assert head_fit.main([str(tmp_path / "missing.pt"), "-o", str(tmp_path / "x.pt"), "--data", str(labelled)]) == 2
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_new_head_over_the_datas_own_labels(tiny_checkpoint, labelled, tmp_path, capsys):
+    out = tmp_path / "own.pt"
+    assert head_fit.main([str(tiny_checkpoint), "-o", str(out), "--data", str(labelled), "--split", "fit",
+                          "--new-head", "--eval-data", str(labelled), "--eval-split", "calib", "--epochs", "100",
+                          "--lr", "0.05", "--threads", "1"]) == 0
+    _, ckpt = load_checkpoint(out)  # checked: shapes, names, scale
+    head = ckpt["head"]
+    assert head["labels"] == head["class_names"] == ["c0", "c1", "c2", "c3", "not-a-class"]
+    assert head["weight"].shape == (5, 64) and head["logit_scale"] == 30.0
+    report = ckpt["provenance"]["head_fit"]
+    assert report["new_head"] and report["images"] == 25 and report["dropped"] == 0 and report["skipped"] == 1
+    assert min(report["held_apart"]["after"]) == 1.0
+    single = tmp_path / "single.csv"
+    single.write_text(f"path,label\n{labelled.parent / '0.png'},c0\n{labelled.parent / '4.png'},c0\n")
+    assert head_fit.main([str(tiny_checkpoint), "-o", str(tmp_path / "x.pt"), "--data", str(single),
+                          "--new-head"]) == 2
+    assert "at least two classes" in capsys.readouterr().err and not (tmp_path / "x.pt").exists()
+
+
+def test_centroid_rows_are_unit_class_means():
+    emb = [torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])]
+    rows = head_fit.centroid_rows(emb, torch.tensor([0, 0, 1]), 3)
+    assert torch.allclose(rows[0], F.normalize(torch.tensor([1.0, 1.0]), dim=0))
+    assert torch.allclose(rows[1], F.normalize(torch.tensor([1.0, 1.0]), dim=0)) and rows[2].abs().sum() == 0

@@ -10,6 +10,9 @@ pulled back toward them (``--pull``, an L2 penalty on the change). Only the head
 graphs and the manifest contract stay as they are, so the new checkpoint exports like any other (its gate and int8
 ranges are then calibrated on it, as always). Images whose label is not in the head are counted and dropped;
 unreadable ones counted and skipped. Nothing is written unless the fit finished.
+
+``--new-head`` builds a head over the data's own labels instead (your classes: any names, not only the teacher's),
+its rows started at each class's mean embedding (a nearest-centroid classifier by cosine), then fit the same way.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ import torch.nn.functional as F
 from model.checkpoint import CheckpointError, atomic_torch_save, load_checkpoint
 from model.teachers import Head, TeacherError
 from runtime.cli import integer, number
-from runtime.data import DataError, records_digest
+from runtime.data import DataError, read_image_list, records_digest
 from runtime.preprocess import ImageError
 from train.evaluate import head_rows, student_embeddings
 from train.setup import DistillError, load_set
@@ -86,6 +89,23 @@ def label_rows(head: dict, labels: Sequence[str | None]) -> list[int | None]:
     return rows
 
 
+def new_head(labels: Sequence[str | None], embed_dim: int, logit_scale: float) -> dict:
+    """A checkpoint head over the distinct labels (sorted; unlabelled images ignored), rows to be set by
+    :func:`centroid_rows`."""
+    names = sorted({label for label in labels if label is not None})
+    if len(names) < 2:
+        raise DistillError(f"--new-head needs labelled images of at least two classes, got {names or 'none'}")
+    return {"class_names": names, "labels": names, "weight": torch.zeros(len(names), embed_dim),
+            "bias": torch.zeros(len(names)), "logit_scale": logit_scale}
+
+
+def centroid_rows(embeddings: Sequence[torch.Tensor], target: torch.Tensor, classes: int) -> torch.Tensor:
+    """Unit-norm mean embedding of each class over every level [classes, D] (zero for a class without images)."""
+    x = F.normalize(torch.cat([e.float() for e in embeddings]), dim=-1)
+    sums = torch.zeros(classes, x.shape[1]).index_add_(0, target.repeat(len(embeddings)), x)
+    return F.normalize(sums, dim=-1)
+
+
 def labelled_embeddings(model, ckpt: dict, source: str, split: str | None, limit: int | None, seed: int, what: str
                         ) -> tuple[list[torch.Tensor], torch.Tensor, dict]:
     """Per-level student embeddings of the images of ``source`` whose label is in the head, their label rows, and
@@ -108,6 +128,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("checkpoint", help="WaveCLIP checkpoint whose head to refit")
     p.add_argument("-o", "--out", required=True, type=Path, help="checkpoint to write (the same weights, the new head)")
     p.add_argument("--data", required=True, help="labelled image folder or CSV (labels: class names or wnids)")
+    p.add_argument("--new-head", action="store_true",
+                   help="a head over the data's own labels (started at the class means), instead of refitting the "
+                        "checkpoint's rows")
     p.add_argument("--split", help="rows of the CSV's split column to fit on (e.g. fit)")
     p.add_argument("--limit", type=integer(1), help="a deterministic, class-balanced subset of N images")
     p.add_argument("--eval-data", help="labelled images held apart, to report top-1 before and after")
@@ -130,15 +153,21 @@ def run(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     start = time.time()
     model, ckpt = load_checkpoint(args.checkpoint)
-    head = head_of(ckpt)
+    if args.new_head:
+        labels = [r.label for r in read_image_list(args.data, args.split, args.limit, args.seed)]
+        ckpt["head"] = new_head(labels, model.config.embed_dim, float(ckpt["head"]["logit_scale"]))
     emb, target, counts = labelled_embeddings(model, ckpt, args.data, args.split, args.limit, args.seed, "--data")
+    if args.new_head:
+        ckpt["head"]["weight"] = centroid_rows(emb, target, len(ckpt["head"]["labels"]))
+    head = head_of(ckpt)
     held = (labelled_embeddings(model, ckpt, args.eval_data, args.eval_split, args.eval_limit, args.seed,
                                 "--eval-data") if args.eval_data else None)
     print(f"fitting the head ({len(head.class_names)} classes) on {counts['images']} images x "
           f"{len(emb)} levels ({counts['dropped']} without a label in the head, {counts['skipped']} unreadable)",
           flush=True)
     new = fit_head(head, emb, target, args.epochs, args.lr, args.pull, seed=args.seed, progress=True)
-    report = {"data": args.data, "split": args.split, "limit": args.limit, **counts, "epochs": args.epochs,
+    report = {"data": args.data, "split": args.split, "limit": args.limit, **counts, "new_head": args.new_head,
+              "epochs": args.epochs,
               "lr": args.lr, "pull": args.pull, "seed": args.seed,
               "fit_top1": {"before": accuracy(head, emb, target), "after": accuracy(new, emb, target)}}
     if held:
