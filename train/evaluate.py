@@ -1,11 +1,13 @@
 """Held-out evaluation of a student against its teacher: per-level cosine and top-1 through the shared head."""
 from __future__ import annotations
 
+import sys
 from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from model.teachers import Head, TeacherError, resolve_labels
 from model.waveclip import WaveCLIP
@@ -14,13 +16,15 @@ from runtime.wavelet import images_to_levels
 
 @torch.no_grad()
 def student_embeddings(model: WaveCLIP, images: np.ndarray, batch_size: int = 128,
-                       device: str | torch.device = "cpu") -> list[torch.Tensor]:
-    """uint8 images [N, S, S, 3] -> per-level embeddings [N, D] (CPU), through the numpy preprocessing."""
+                       device: str | torch.device = "cpu", progress: str | None = None) -> list[torch.Tensor]:
+    """uint8 images [N, S, S, 3] -> per-level embeddings [N, D] (CPU), through the numpy preprocessing; a progress
+    bar on stderr named ``progress`` where given."""
     was_training = model.training
     model.eval()
     spec = model.config.preprocessing_spec()
     outs: list[list[torch.Tensor]] = [[] for _ in range(model.config.num_levels)]
-    for i in range(0, len(images), batch_size):
+    for i in tqdm(range(0, len(images), batch_size), desc=progress, unit="batch", disable=not progress,
+                  file=sys.stderr):
         patches = [torch.from_numpy(p).to(device) for p in images_to_levels(images[i:i + batch_size], spec)]
         for k, emb in enumerate(model(patches)):
             outs[k].append(emb.cpu())

@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -116,7 +115,7 @@ def labelled_embeddings(model, ckpt: dict, source: str, split: str | None, limit
     if not keep:
         raise DistillError(f"{what}: no image of {source} has a label in the checkpoint's head "
                            f"(e.g. {records[0].label!r}; the head has {ckpt['head']['class_names'][:3]}, ...)")
-    embeddings = student_embeddings(model, arrays[keep])
+    embeddings = student_embeddings(model, arrays[keep], progress=f"{what} embeddings")
     counts = {"images": len(keep), "skipped": skipped, "dropped": len(records) - len(keep),
               "digest": records_digest([records[i] for i in keep])}
     return embeddings, torch.tensor([rows[i] for i in keep]), counts
@@ -167,8 +166,7 @@ def run(args: argparse.Namespace) -> dict:
           flush=True)
     new = fit_head(head, emb, target, args.epochs, args.lr, args.pull, seed=args.seed, progress=True)
     report = {"data": args.data, "split": args.split, "limit": args.limit, **counts, "new_head": args.new_head,
-              "epochs": args.epochs,
-              "lr": args.lr, "pull": args.pull, "seed": args.seed,
+              "epochs": args.epochs, "lr": args.lr, "pull": args.pull, "seed": args.seed,
               "fit_top1": {"before": accuracy(head, emb, target), "after": accuracy(new, emb, target)}}
     if held:
         report["held_apart"] = {"data": args.eval_data, "split": args.eval_split, "images": held[2]["images"],
