@@ -10,7 +10,7 @@ from PIL import Image
 
 from model.checkpoint import load_checkpoint, publish_checkpoint
 from train import distill
-from train.losses import distill_loss, kl_distill, lr_at
+from train.losses import distill_loss, kl_distill, label_loss, lr_at
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEACHER = "open_clip:ViT-Tiny-Test"
@@ -106,6 +106,34 @@ def test_cutmix_changes_the_batches_and_resumes_exactly(data, tmp_path):
     with pytest.raises(SystemExit) as exc:
         distill.parse_args(argv(data, tmp_path / "bad.pt", "--cutmix", "1.5"))
     assert exc.value.code == 2 and not (tmp_path / "bad.pt").exists()
+
+
+def test_label_loss_counts_only_labelled_images():
+    emb = [torch.randn(4, 8), torch.randn(4, 8)]
+    logits = lambda e: e @ torch.eye(8)  # noqa: E731
+    none = label_loss(emb, torch.tensor([-1, -1, -1, -1]), [0.5, 0.5], logits)
+    assert none.item() == 0.0
+    rows = torch.tensor([3, -1, 5, -1])
+    want = sum(0.5 * torch.nn.functional.cross_entropy(e[[0, 2]], rows[[0, 2]]) for e in emb)
+    assert label_loss(emb, rows, [0.5, 0.5], logits).item() == pytest.approx(want.item())
+
+
+def test_label_weight_uses_the_labels_and_resumes_exactly(data, tmp_path):
+    plain, labelled, resumed = (tmp_path / f"{n}.pt" for n in ("plain", "labelled", "resumed"))
+    assert distill.main(argv(data, plain, "--steps", "3", "--seed", "3")) == 0
+    assert distill.main(argv(data, labelled, "--steps", "3", "--seed", "3", "--label-weight", "1")) == 0
+    distill.run(distill.parse_args(argv(data, resumed, "--steps", "3", "--seed", "3", "--label-weight", "1")),
+                stop_after=1)
+    assert distill.main(argv(data, resumed, "--steps", "3", "--seed", "3", "--label-weight", "1", "--resume")) == 0
+    (_, p), (_, m), (_, r) = (load_checkpoint(x) for x in (plain, labelled, resumed))
+    assert m["provenance"]["label_weight"] == 1 and m["provenance"]["labelled"] == 24
+    assert p["provenance"]["label_weight"] == 0 and p["provenance"]["labelled"] is None
+    assert not all(torch.equal(p["state_dict"][k], m["state_dict"][k]) for k in p["state_dict"])
+    assert all(torch.equal(m["state_dict"][k], r["state_dict"][k]) for k in m["state_dict"])
+    for bad in (["--label-weight", "-1"], ["--label-weight", "1", "--cutmix", "0.5"]):
+        with pytest.raises(SystemExit) as exc:
+            distill.parse_args(argv(data, tmp_path / "bad.pt", *bad))
+        assert exc.value.code == 2
 
 
 def test_resume_adds_steps(data, tmp_path):

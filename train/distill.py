@@ -44,7 +44,7 @@ from train.setup import (DistillError, batch_at, choose_labels, init_from_checkp
                          load_set, param_groups, set_patch_stats, use_bf16)
 from train.augment import Augment
 from train.dense import DenseHead, channel_stats, mirror_grid
-from train.losses import distill_loss, lr_at
+from train.losses import distill_loss, label_loss, lr_at
 from train.mix import cutmix
 from train.teacher_cache import default_cache_dir, teacher_embeddings, teacher_targets, with_augmented_views
 
@@ -90,6 +90,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="augmented views per image (random-resized crop + colour jitter), teacher-run once and cached "
                         "in blocks of two (a larger K later runs the teacher on the new views only); each step draws "
                         "the plain image or one of them (0: the plain image only; needs --teacher-views 1)")
+    p.add_argument("--label-weight", type=float, default=0.0, metavar="W",
+                   help="add W x the cross-entropy of the images' own labels (those in the head) through the "
+                        "teacher's rows; 0 (default): labels unused, distillation needs none")
     p.add_argument("--cutmix", type=float, default=0.0, metavar="P",
                    help="paste a box of whole token cells from another image of the batch into a share P of the "
                         "samples, with area-mixed teacher targets (train.mix; 0: off)")
@@ -125,6 +128,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--temperature must be > 0")
     if not 0 <= args.cutmix <= 1:
         p.error("--cutmix must be in [0, 1]")
+    if not 0 <= args.label_weight < math.inf or (args.label_weight and args.cutmix):
+        p.error("--label-weight must be a finite number >= 0, and is not for use with --cutmix (mixed images)")
     if args.aug_views and args.teacher_views == 2:
         p.error("--aug-views needs --teacher-views 1 (augmented views reuse the mirror)")
     return args
@@ -185,6 +190,11 @@ def run(args: argparse.Namespace, stop_after: int | None = None) -> dict:
     except TeacherError as e:
         raise DistillError(f"{e} (use --labels imagenet1k or a file of ImageNet wnids/class names)") from None
     weights = level_weights(args.level_weights, cfg.num_levels)
+    label_rows = None
+    if args.label_weight:
+        label_rows = torch.tensor([-1 if r is None else r for r in head_rows(labels, [k.label for k in kept])])
+        if not bool((label_rows >= 0).any()):
+            raise DistillError(f"--label-weight: no image of {args.data} has a label among the head's classes")
     if args.lr is None:
         args.lr = LR_SCRATCH if init == "scratch" and args.init is None else LR_VIT_INIT  # --init: also on --resume
 
@@ -263,7 +273,8 @@ def run(args: argparse.Namespace, stop_after: int | None = None) -> dict:
                      "skipped": n_skipped, "digest": digest},
             "labels": {"source": args.labels or "default", "count": len(labels)},
             "teacher_cache": {k: tstats[k] for k in ("key", "computed", "seconds", "images_per_s")},
-            "aug_views": args.aug_views, "cutmix": args.cutmix,
+            "aug_views": args.aug_views, "cutmix": args.cutmix, "label_weight": args.label_weight,
+            "labelled": None if label_rows is None else int((label_rows >= 0).sum()),
             "aug_cache": None if astats is None else {k: astats[k] for k in ("key", "computed", "seconds", "images_per_s")},
             "steps": step, "epochs": round(step * bsz / n, 3), "batch_size": bsz, "lr": args.lr,
             "weight_decay": args.weight_decay, "warmup": warmup, "kl_weight": args.kl_weight,
@@ -320,6 +331,9 @@ def run(args: argparse.Namespace, stop_after: int | None = None) -> dict:
                 dense_pred = None if dense_head is None else [dense_head(t) for t in tokens]
             parts = distill_loss([e.float() for e in embs], target, weights, kl_head.logits, args.kl_weight,
                                  args.temperature, dense_pred, dense_target, args.dense_weight)
+            if label_rows is not None:
+                parts.total = parts.total + args.label_weight * label_loss(
+                    [e.float() for e in embs], label_rows[torch.from_numpy(idx)].to(device), weights, head_dev.logits)
             opt.zero_grad(set_to_none=True)
             parts.total.backward()
             if args.clip_grad:

@@ -53,6 +53,16 @@ def distill_loss(student: Sequence[torch.Tensor], teacher: torch.Tensor, level_w
     return LossParts(total, cos_parts, kl_parts, dense_parts)
 
 
+def label_loss(student: Sequence[torch.Tensor], rows: torch.Tensor, level_weights: Sequence[float],
+               logits: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Weighted sum over levels of the cross-entropy through ``logits`` of the images with a label (``rows`` >= 0,
+    their class's row; -1: unlabelled); zero when the batch has none."""
+    keep = rows >= 0
+    if not bool(keep.any()):
+        return student[0].new_zeros(())
+    return sum(w * F.cross_entropy(logits(s[keep].float()), rows[keep]) for w, s in zip(level_weights, student))
+
+
 def lr_at(step: int, total: int, base_lr: float, warmup: int, min_ratio: float = 0.0) -> float:
     """Linear warmup for ``warmup`` steps, then cosine decay to ``min_ratio * base_lr`` at ``total``."""
     if step < warmup:
