@@ -92,8 +92,9 @@ def python_classify(paths: list[Path], bundle: Path = BUNDLE, *extra: str) -> di
     return json.loads(proc.stdout)
 
 
-def compare_decisions(js: list[dict], py: dict) -> tuple[list[str], list[str]]:
-    """(real mismatches, borderline ones) between JS results and runtime.classify's, by image."""
+def compare_decisions(js: list[dict], py: dict, tolerance: float = BORDERLINE) -> tuple[list[str], list[str]]:
+    """(real mismatches, borderline ones: a margin within ``tolerance`` of its threshold) between JS results and
+    runtime.classify's, by image."""
     thresholds = py["thresholds"]
     by_image = {r["image"]: r for r in py["results"]}
     mismatches, borderline = [], []
@@ -102,14 +103,17 @@ def compare_decisions(js: list[dict], py: dict) -> tuple[list[str], list[str]]:
         if (j["label"], j["exit_level"]) == (p["label"], p["exit_level"]):
             continue
         k = min(j["exit_level"], p["exit_level"])
-        near = (k < len(thresholds) and abs(j["level_margins"][k] - thresholds[k]) < BORDERLINE) or \
-               (j["exit_level"] == p["exit_level"] and j["margin"] < BORDERLINE)
-        line = f"{j['name']}: js {j['label']}@{j['exit_level']} vs python {p['label']}@{p['exit_level']}"
+        near = (k < len(thresholds) and abs(j["level_margins"][k] - thresholds[k]) < tolerance) or \
+               (j["exit_level"] == p["exit_level"] and j["margin"] < tolerance)
+        line = (f"{j['name']}: js {j['label']}@{j['exit_level']} vs python {p['label']}@{p['exit_level']} "
+                f"(js margin at level {k}: {j['level_margins'][k]:.6f}"
+                + (f", threshold {thresholds[k]:.6f})" if k < len(thresholds) else ")"))
         (borderline if near else mismatches).append(line)
     return mismatches, borderline
 
 
-def check_parity(node: str, paths: list[Path], work: Path, bundle: Path = BUNDLE, weights: str = "auto") -> None:
+def check_parity(node: str, paths: list[Path], work: Path, bundle: Path = BUNDLE, weights: str = "auto",
+                 tolerance: float = BORDERLINE) -> None:
     """The JS module and runtime.classify on the same decoded pixels, both holding the graphs as ``weights`` says
     (auto: the split graphs; an int8 bundle quantizes its level graphs and split body apart)."""
     arrays = decode_all(paths)
@@ -126,7 +130,8 @@ def check_parity(node: str, paths: list[Path], work: Path, bundle: Path = BUNDLE
         err = float(np.abs(js - ref).max())
         assert err <= PATCH_ATOL, f"level {k}: JS patches differ by {err:.2e} (> {PATCH_ATOL})"
     js_results = json.loads((out / "results.json").read_text())
-    mismatches, borderline = compare_decisions(js_results, python_classify(paths, bundle, "--weights", weights))
+    mismatches, borderline = compare_decisions(js_results, python_classify(paths, bundle, "--weights", weights),
+                                               tolerance)
     assert not mismatches, f"{len(mismatches)} of {len(paths)} decisions differ: {mismatches[:5]}"
     assert len(borderline) <= max(1, len(paths) // 100), f"too many borderline decisions: {borderline}"
 
@@ -152,7 +157,10 @@ def weight_only_bundle(tmp_path_factory) -> Path:
 def test_js_runs_a_weight_only_bundle(node, weight_only_bundle, tmp_path):
     for graph in ("level0.onnx", "body.onnx"):  # the graphs really hold the weight-only op
         assert b"MatMulNBits" in (weight_only_bundle / graph).read_bytes(), graph
-    check_parity(node, EXAMPLES, tmp_path, weight_only_bundle)
+    # MatMulNBits' accuracy level is a hint: Python's onnxruntime quantizes the activations per block (int8 compute),
+    # onnxruntime-node may compute in float. The bell pepper's level-2 margin: fp32 0.0626, Python 0.0705, JS 0.0663
+    # (threshold 0.0699), so decisions may differ where a margin is within 0.01 of its threshold.
+    check_parity(node, EXAMPLES, tmp_path, weight_only_bundle, tolerance=0.01)
 
 
 @pytest.mark.slow
