@@ -9,7 +9,8 @@ cosine distance of the level's patch tokens to the teacher's feature map at thei
 Teacher outputs are cached on disk (``--teacher-views 1``: the image only, its mirror reuses them with the map's
 columns reversed; 2: the mirror is run too); ``--aug-views K`` adds K cached random-resized, colour-jittered
 views per image (``train.augment``), each step drawing the plain image or one of them; ``--cutmix P`` pastes
-token-aligned boxes between images with mixed cached targets (``train.mix``); student inputs come from
+token-aligned boxes between images with mixed cached targets (``train.mix``); ``--label-weight W`` adds a
+cross-entropy on the labels of the images that have one (off by default); student inputs come from
 ``runtime.preprocess`` / ``runtime.wavelet``, the code the device runs. ``--teacher-view student`` (the default) shows
 the teacher those same pixels, resized to its input. ``--precision auto`` trains under bf16 autocast where the CPU
 (AVX512-BF16/AMX) or GPU has native bf16, else fp32.

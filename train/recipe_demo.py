@@ -15,8 +15,9 @@ student had begun to learn its training images by heart, so the last stage bring
 teacher's classifier rows) is then refit on the student's embeddings of the labelled fit images (``train.head``:
 +6-10 points of calib top-1 per level; val stays unused). ``--steps`` takes one
 total or stages (each resumes the last with a new cosine schedule; ``N:augK``, ``N:native``):
-``--steps 9000:aug2,16000:aug2,22000:aug2`` gives the model shipped before this one, ``--steps 9000:aug2,16000:aug2``
-and ``--steps 9000:aug2`` the ones before it, and
+the model shipped before this one is the same four stages with the teacher's rows (no head refit);
+``--steps 9000:aug2,16000:aug2,22000:aug2`` gives the one before it, ``--steps 9000:aug2,16000:aug2``
+and ``--steps 9000:aug2`` the ones before that (all with the teacher's rows), and
 ``--patch-hidden 0 --steps 3400:native,10500:native,17000:aug2:native,21000`` the linear-embedding one. Every stage is
 resumable: rerun the same command after an interruption and distillation continues from its last checkpoint
 (``--save-every``); the time of each stage is written to OUT/recipe.json.
