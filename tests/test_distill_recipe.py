@@ -10,6 +10,7 @@ from PIL import Image
 from model.config import get_preset
 from model.teachers import load_teacher
 from model.waveclip import WaveCLIP
+from train import distill
 from train.dense import DenseHead, channel_stats, dense_loss, mirror_grid
 from train.losses import distill_loss
 from train.setup import use_bf16
@@ -145,7 +146,8 @@ def test_recipe_stages_and_help(tmp_path):
     import subprocess
     import sys
 
-    from train.recipe_demo import DEFAULT_STAGES, Stage, _show, _stages, distill_command, head_command
+    from train.recipe_demo import (DEFAULT_STAGES, Stage, _show, _stages, distill_command, head_command,
+                                   label_command)
 
     assert _stages("3400") == (Stage(3400, 0, "student"),)
     assert _stages("3400:native,10500:aug2,12000:student:aug1") == (Stage(3400, 0, "native"), Stage(10500, 2),
@@ -163,6 +165,11 @@ def test_recipe_stages_and_help(tmp_path):
     head = head_command(Path("c.pt"), Path("h.pt"), Path("s.csv"), 2)  # fit on labelled train images, never val
     assert head[:3] == ["-m", "train.head", "c.pt"] and head[head.index("--split") + 1] == "fit"
     assert head[head.index("--eval-split") + 1] == "calib" and "val" not in head
+    labels = label_command(Path("d.csv"), Path("s.csv"), Path("c.pt"), Path("l.pt"), 2, 3000, patch_hidden=384)
+    assert labels[labels.index("--init") + 1] == "c.pt" and labels[labels.index("--out") + 1] == "l.pt"
+    assert float(labels[labels.index("--label-weight") + 1]) > 0 and labels[labels.index("--steps") + 1] == "3000"
+    assert "--resume" in labels and labels[-2:] == ["--patch-hidden", "384"]
+    assert distill.parse_args(labels[2:]).label_weight == 0.5  # the arguments train.distill accepts
     root = Path(__file__).resolve().parents[1]
     ok = subprocess.run([sys.executable, "-m", "train.recipe_demo", "--help"], cwd=root, capture_output=True, text=True)
     assert ok.returncode == 0 and "--steps" in ok.stdout
