@@ -33,16 +33,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from model.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
+from model.checkpoint import read_checkpoint, save_checkpoint
 from model.config import WaveCLIPConfig, get_preset
 from model.teachers import Head, Teacher, TeacherError, imagenet_classes, load_teacher
 from model.waveclip import WaveCLIP
-from runtime.data import DataError, read_image_list, records_digest
-from runtime.preprocess import ImageError
+from runtime.data import read_image_list, records_digest
 from runtime.wavelet import images_to_levels
 from train.evaluate import evaluate, head_rows
 from train.setup import (DistillError, batch_at, choose_labels, init_from_checkpoint, init_student, level_weights,
-                         load_set, param_groups, set_patch_stats, use_bf16)
+                         load_set, param_groups, run_command, set_patch_stats, use_bf16)
 from train.augment import Augment
 from train.dense import DenseHead, channel_stats, mirror_grid
 from train.losses import distill_loss, label_loss, lr_at
@@ -384,14 +383,7 @@ def evaluate_on(args: argparse.Namespace, model: WaveCLIP, teacher: Teacher, hea
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stdout, format="%(levelname)s: %(message)s")
-    try:
-        run(args)
-    except (DistillError, DataError, TeacherError, CheckpointError, ImageError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    return 0
+    return run_command(lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -25,13 +25,12 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from model.checkpoint import CheckpointError, atomic_torch_save, load_checkpoint
+from model.checkpoint import atomic_torch_save, load_checkpoint
 from model.teachers import Head, TeacherError
 from runtime.cli import integer, number
-from runtime.data import DataError, read_image_list, records_digest
-from runtime.preprocess import ImageError
+from runtime.data import read_image_list, records_digest
 from train.evaluate import head_rows, student_embeddings
-from train.setup import DistillError, load_set
+from train.setup import DistillError, load_set, run_command
 
 DEFAULTS = {"epochs": 20, "lr": 1e-3, "pull": 1e-3, "batch_size": 1024}  # chosen on the demo's held-apart calib split
 
@@ -187,14 +186,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        run(args)
-    except (DistillError, DataError, TeacherError, CheckpointError, ImageError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    return 0
+    return run_command(lambda: run(args))
 
 
 if __name__ == "__main__":

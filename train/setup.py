@@ -2,15 +2,19 @@
 groups, training precision, the batch of each step."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 from model.config import WaveCLIPConfig
-from model.teachers import imagenet_classes, Teacher
+from model.checkpoint import CheckpointError
+from model.teachers import imagenet_classes, Teacher, TeacherError
 from model.waveclip import WaveCLIP, gelu_mlp_state
-from runtime.data import ImageRecord, load_images, read_image_list
+from runtime.data import DataError, ImageRecord, load_images, read_image_list
+from runtime.preprocess import ImageError
 from runtime.wavelet import images_to_levels
 
 REQUIRES_VIT_INIT = {"waveclip-b16"}  # too big to learn from scratch on a distillation set
@@ -19,6 +23,18 @@ NO_DECAY = {"cls_token", "level_embed", "pos_embed", "cls_pos_embed"}
 
 class DistillError(ValueError):
     """A bad combination of arguments; the message is one line."""
+
+
+def run_command(run: Callable[[], object]) -> int:
+    """Exit status of a training command: 0 done, 2 bad input (its one-line error on stderr), 130 interrupted."""
+    try:
+        run()
+    except (DistillError, DataError, TeacherError, CheckpointError, ImageError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
 
 
 def choose_labels(arg: str | None, records: list[ImageRecord], source: str) -> list[str]:
