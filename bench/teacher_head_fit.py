@@ -43,19 +43,19 @@ def embeddings(teacher, records, batch_size: int = 64) -> torch.Tensor:
     return torch.cat(out)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--teacher", default="efficientnet-lite0")
     p.add_argument("--labels-from", type=Path, default=REPO / "models" / "waveclip-demo" / "bundle",
                    help="bundle whose label set is the head (default: the demo's)")
     p.add_argument("--data", default=str(REPO / "out" / "demo-work" / "tiny-imagenet-splits.csv"))
-    p.add_argument("--split", default="fit")
+    p.add_argument("--split", default="fit", help="CSV split to fit on (all: every row)")
     p.add_argument("--limit", type=int)
     p.add_argument("--eval-data", default=str(REPO.parent / "shared" / "data" / "tiny-imagenet-200" / "labels.csv"))
-    p.add_argument("--eval-split", default="val")
+    p.add_argument("--eval-split", default="val", help="CSV split held out (all: every row)")
     p.add_argument("--eval-limit", type=int, default=2000)
     p.add_argument("--json", type=Path)
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
     from runtime.bundle import load_bundle
 
@@ -67,7 +67,7 @@ def main() -> int:
     sets = {}
     for name, (data, split, limit) in {"fit": (args.data, args.split, args.limit),
                                        "held out": (args.eval_data, args.eval_split, args.eval_limit)}.items():
-        records = read_image_list(data, split=split, limit=limit)
+        records = read_image_list(data, split=None if split == "all" else split, limit=limit)
         rows = label_rows(names, [r.label for r in records])
         records = [r for r, row in zip(records, rows) if row is not None]
         sets[name] = (embeddings(teacher, records), torch.tensor([row for row in rows if row is not None]))
