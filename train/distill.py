@@ -329,11 +329,12 @@ def run(args: argparse.Namespace, stop_after: int | None = None) -> dict:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 embs, tokens = model(patches, return_tokens=True)
                 dense_pred = None if dense_head is None else [dense_head(t) for t in tokens]
-            parts = distill_loss([e.float() for e in embs], target, weights, kl_head.logits, args.kl_weight,
+            embs = [e.float() for e in embs]
+            parts = distill_loss(embs, target, weights, kl_head.logits, args.kl_weight,
                                  args.temperature, dense_pred, dense_target, args.dense_weight)
             if label_rows is not None:
                 parts.total = parts.total + args.label_weight * label_loss(
-                    [e.float() for e in embs], label_rows[torch.from_numpy(idx)].to(device), weights, head_dev.logits)
+                    embs, label_rows[torch.from_numpy(idx)].to(device), weights, head_dev.logits)
             opt.zero_grad(set_to_none=True)
             parts.total.backward()
             if args.clip_grad:

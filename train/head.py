@@ -72,8 +72,8 @@ def fit_head(head: Head, embeddings: Sequence[torch.Tensor], target: torch.Tenso
 
 
 def label_rows(head: dict, labels: Sequence[str | None]) -> list[int | None]:
-    """Row of each label in a checkpoint head: its label id or class name, else the same ImageNet class under another
-    name (wnid, synonym); None where the head has no such class."""
+    """Row of each label in a checkpoint head: its label id or class name, else the same ImageNet class under its
+    other name (wnid or ImageNet class name); None where the head has no such class."""
     exact = {name: i for i, name in enumerate(head["class_names"])}
     exact.update({label: i for i, label in enumerate(head["labels"])})
     rows = [exact.get(label) if label is not None else None for label in labels]

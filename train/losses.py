@@ -60,7 +60,7 @@ def label_loss(student: Sequence[torch.Tensor], rows: torch.Tensor, level_weight
     keep = rows >= 0
     if not bool(keep.any()):
         return student[0].new_zeros(())
-    return sum(w * F.cross_entropy(logits(s[keep].float()), rows[keep]) for w, s in zip(level_weights, student))
+    return sum(w * F.cross_entropy(logits(s[keep]), rows[keep]) for w, s in zip(level_weights, student))
 
 
 def lr_at(step: int, total: int, base_lr: float, warmup: int, min_ratio: float = 0.0) -> float:

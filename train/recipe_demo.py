@@ -245,6 +245,9 @@ def main() -> int:
     if args.from_step in ("head", "export"):
         from model.checkpoint import publish_checkpoint
 
+        if not headed.is_file():
+            print(f"error: {headed} not found (run the head step: --from-step head)", file=sys.stderr)
+            return 2
         publish_checkpoint(headed, args.out / "ckpt.pt")
         step("export", ["-m", "export.onnx", str(args.out / "ckpt.pt"), "-o", str(bundle), "--force", "--images",
                         str(REPO / "examples" / "images")], log, log_path)
