@@ -119,7 +119,8 @@ def test_json_has_every_field(report, tiny_bundle, capsys):
 
 def test_latency_json_feeds_the_gate(report, tiny_bundle, tmp_path):
     """exit_costs[].mean_ms (the cost of exiting at each level) is what calibration.gate --latency-json reads; a
-    budget of the always-full cost is feasible."""
+    budget of the costliest exit is feasible. (Not "of the always-full cost": these are timings of a tiny model, and
+    on a loaded machine level 3's mean came out below level 0's, 1.16 vs 1.70 ms, in one CI run.)"""
     import shutil
 
     from calibration.gate import main as gate_main
@@ -130,7 +131,7 @@ def test_latency_json_feeds_the_gate(report, tiny_bundle, tmp_path):
     assert list(ms) == [c["mean_ms"] for c in r["exit_costs"]]
     bundle = shutil.copytree(tiny_bundle, tmp_path / "bundle")
     assert gate_main([str(bundle), "--data", str(IMAGES), "--reference", "full", "--holdout", "0.25",
-                      "--budget-ms", str(float(ms[-1]) + 1e-3), "--device", "x86-avx512-vnni",
+                      "--budget-ms", str(float(max(ms)) + 1e-3), "--device", "x86-avx512-vnni",
                       "--latency-json", str(out / "p.json"), "--out-dir", str(tmp_path / "gate"), "--dry-run"]) == 0
 
 
