@@ -10,7 +10,7 @@ from PIL import Image
 
 from model.checkpoint import load_checkpoint, publish_checkpoint
 from train import distill
-from train.losses import distill_loss, kl_distill, label_loss, lr_at
+from train.losses import distill_loss, kl_distill, label_loss, lr_at, self_distill_loss
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEACHER = "open_clip:ViT-Tiny-Test"
@@ -116,6 +116,33 @@ def test_label_loss_counts_only_labelled_images():
     rows = torch.tensor([3, -1, 5, -1])
     want = sum(0.5 * torch.nn.functional.cross_entropy(e[[0, 2]], rows[[0, 2]]) for e in emb)
     assert label_loss(emb, rows, [0.5, 0.5], logits).item() == pytest.approx(want.item())
+
+
+def test_self_distill_loss_teaches_earlier_levels_the_last_levels_answer():
+    torch.manual_seed(0)
+    logits = lambda e: e @ torch.eye(6)  # noqa: E731
+    last = torch.randn(5, 6)
+    same = [last.clone(), last.clone(), last]
+    assert self_distill_loss(same, [0.2, 0.3, 0.5], logits).item() == pytest.approx(0.0, abs=1e-6)
+    early = [torch.randn(5, 6, requires_grad=True) for _ in range(2)]
+    out_last = last.clone().requires_grad_(True)
+    loss = self_distill_loss([*early, out_last], [0.2, 0.3, 0.5], logits, temperature=2.0)
+    want = 0.2 * kl_distill(early[0], last, 2.0) + 0.3 * kl_distill(early[1], last, 2.0)
+    assert loss.item() == pytest.approx(want.item()) and loss.item() > 0
+    loss.backward()
+    assert out_last.grad is None and all(e.grad.abs().sum() > 0 for e in early)  # the last level is only a target
+
+
+def test_self_weight_changes_training_and_is_recorded(data, tmp_path):
+    plain, taught = tmp_path / "plain.pt", tmp_path / "taught.pt"
+    assert distill.main(argv(data, plain, "--steps", "2", "--seed", "3")) == 0
+    assert distill.main(argv(data, taught, "--steps", "2", "--seed", "3", "--self-weight", "1")) == 0
+    (_, p), (_, t) = (load_checkpoint(x) for x in (plain, taught))
+    assert p["provenance"]["self_weight"] == 0 and t["provenance"]["self_weight"] == 1
+    assert not all(torch.equal(p["state_dict"][k], t["state_dict"][k]) for k in p["state_dict"])
+    with pytest.raises(SystemExit) as exc:
+        distill.parse_args(argv(data, tmp_path / "bad.pt", "--self-weight", "-1"))
+    assert exc.value.code == 2 and not (tmp_path / "bad.pt").exists()
 
 
 def test_label_weight_uses_the_labels_and_resumes_exactly(data, tmp_path):

@@ -44,7 +44,7 @@ from train.setup import (DistillError, batch_at, choose_labels, init_from_checkp
                          load_set, param_groups, run_command, set_patch_stats, use_bf16)
 from train.augment import Augment
 from train.dense import DenseHead, channel_stats, mirror_grid
-from train.losses import distill_loss, label_loss, lr_at
+from train.losses import distill_loss, label_loss, lr_at, self_distill_loss
 from train.mix import cutmix
 from train.teacher_cache import default_cache_dir, teacher_embeddings, teacher_targets, with_augmented_views
 
@@ -93,6 +93,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--label-weight", type=float, default=0.0, metavar="W",
                    help="add W x the cross-entropy of the images' own labels (those in the head) through the "
                         "teacher's rows; 0 (default): labels unused, distillation needs none")
+    p.add_argument("--self-weight", type=float, default=0.0, metavar="W",
+                   help="add W x the KL of every earlier level's head softmax to the last level's (detached; the "
+                        "last level teaches the earlier ones, what an early exit stands in for; 0: off)")
     p.add_argument("--cutmix", type=float, default=0.0, metavar="P",
                    help="paste a box of whole token cells from another image of the batch into a share P of the "
                         "samples, with area-mixed teacher targets (train.mix; 0: off)")
@@ -124,6 +127,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("kl_weight", "dense_weight", "weight_decay", "clip_grad"):
         if getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0")
+    if not 0 <= args.self_weight < math.inf:
+        p.error("--self-weight must be a finite number >= 0")
     if args.temperature <= 0:
         p.error("--temperature must be > 0")
     if not 0 <= args.cutmix <= 1:
@@ -274,6 +279,7 @@ def run(args: argparse.Namespace, stop_after: int | None = None) -> dict:
             "labels": {"source": args.labels or "default", "count": len(labels)},
             "teacher_cache": {k: tstats[k] for k in ("key", "computed", "seconds", "images_per_s")},
             "aug_views": args.aug_views, "cutmix": args.cutmix, "label_weight": args.label_weight,
+            "self_weight": args.self_weight,
             "labelled": None if label_rows is None else int((label_rows >= 0).sum()),
             "aug_cache": None if astats is None else {k: astats[k] for k in ("key", "computed", "seconds", "images_per_s")},
             "steps": step, "epochs": round(step * bsz / n, 3), "batch_size": bsz, "lr": args.lr,
@@ -335,6 +341,9 @@ def run(args: argparse.Namespace, stop_after: int | None = None) -> dict:
             if label_rows is not None:
                 parts.total = parts.total + args.label_weight * label_loss(
                     embs, label_rows[torch.from_numpy(idx)].to(device), weights, head_dev.logits)
+            if args.self_weight:
+                parts.total = parts.total + args.self_weight * self_distill_loss(embs, weights, head_dev.logits,
+                                                                                 args.temperature)
             opt.zero_grad(set_to_none=True)
             parts.total.backward()
             if args.clip_grad:

@@ -63,6 +63,16 @@ def label_loss(student: Sequence[torch.Tensor], rows: torch.Tensor, level_weight
     return sum(w * F.cross_entropy(logits(s[keep]), rows[keep]) for w, s in zip(level_weights, student))
 
 
+def self_distill_loss(student: Sequence[torch.Tensor], level_weights: Sequence[float],
+                      logits: Callable[[torch.Tensor], torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
+    """The last level teaches the earlier ones: weighted sum over levels k < L-1 of KL(softmax(z_last / T) ||
+    softmax(z_k / T)) * T**2 through ``logits``, the last level's logits detached (Phuong & Lampert, *Distillation-based
+    training for multi-exit architectures*, ICCV 2019): an early level learns what the full model will answer, the
+    decision an early exit replaces."""
+    last = logits(student[-1]).detach()
+    return sum(w * kl_distill(logits(s), last, temperature) for w, s in zip(level_weights[:-1], student[:-1]))
+
+
 def lr_at(step: int, total: int, base_lr: float, warmup: int, min_ratio: float = 0.0) -> float:
     """Linear warmup for ``warmup`` steps, then cosine decay to ``min_ratio * base_lr`` at ``total``."""
     if step < warmup:
