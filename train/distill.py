@@ -94,8 +94,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="add W x the cross-entropy of the images' own labels (those in the head) through the "
                         "teacher's rows; 0 (default): labels unused, distillation needs none")
     p.add_argument("--self-weight", type=float, default=0.0, metavar="W",
-                   help="add W x the KL of every earlier level's head softmax to the last level's (detached; the "
-                        "last level teaches the earlier ones, what an early exit stands in for; 0: off)")
+                   help="add W x the KL of every earlier level's head softmax to the last level's (detached, at "
+                        "--temperature): the last level teaches the earlier ones, whose early exits stand in for it "
+                        "(0: off)")
     p.add_argument("--cutmix", type=float, default=0.0, metavar="P",
                    help="paste a box of whole token cells from another image of the batch into a share P of the "
                         "samples, with area-mixed teacher targets (train.mix; 0: off)")

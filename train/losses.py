@@ -1,5 +1,6 @@
 """Distillation losses: per-level cosine distance to the teacher embedding, optional KL on a head's logits and
-optional dense (token-level) cosine to the teacher's feature map (``train.dense``)."""
+optional dense (token-level) cosine to the teacher's feature map (``train.dense``); the optional label cross-entropy
+and self-distillation (the last level teaching the earlier ones)."""
 from __future__ import annotations
 
 import math
