@@ -22,7 +22,7 @@ import onnx
 from tqdm import tqdm
 
 from calibration.backends import (DEFAULT_OPS, ONNX_METHODS, SCHEMES, WEIGHT_ONLY, WEIGHT_ONLY_SCHEME,
-                                  onnx_op_summary, quantize_onnx, quantize_openvino, quantize_weight_only,
+                                  WeightOnlyScheme, onnx_op_summary, quantize_onnx, quantize_openvino, quantize_weight_only,
                                   weight_only_summary)
 from calibration.compare import compare, format_table
 from calibration.quantize_split import write_split_int8, write_split_openvino
@@ -40,6 +40,7 @@ REPORT = "quantization_report.json"
 MIN_IMAGES = 8
 ORT_BATCH = 8  # rows per calibration item for onnxruntime (batch 1 for NNCF: its subset_size counts items)
 SEED = 0
+COMPUTE = {"int8": 4, "float": 1}  # --weight-only-compute -> MatMulNBits accuracy_level
 
 
 class QuantizeError(ValueError):
@@ -140,7 +141,7 @@ def quantize_bundle(bundle_path: str | Path, out: str | Path, data: str, *, spli
                     backend: str = "onnxruntime", samples: int = 256, method: str = "minmax",
                     eval_data: str | None = None, eval_split: str | None = None, eval_samples: int = 256,
                     min_agreement: float = 0.99, ops: Sequence[str] | None = None, force: bool = False,
-                    progress: bool = True) -> tuple[dict, dict]:
+                    progress: bool = True, weight_only_compute: str = "int8") -> tuple[dict, dict]:
     """Quantize, evaluate and (if agreement holds) write the int8 bundle; returns (manifest, report).
     Raises QuantizeError / BundleError / DataError (bad input) or AgreementTooLow (nothing written)."""
     start = time.time()
@@ -153,6 +154,9 @@ def quantize_bundle(bundle_path: str | Path, out: str | Path, data: str, *, spli
     if method == WEIGHT_ONLY and ops:
         raise QuantizeError(f"--method {WEIGHT_ONLY} quantizes the weights of every MatMul; --quantize-ops does "
                             "not apply")
+    if weight_only_compute not in COMPUTE or (weight_only_compute != "int8" and method != WEIGHT_ONLY):
+        raise QuantizeError(f"--weight-only-compute {weight_only_compute!r}: int8 or float, with --method {WEIGHT_ONLY}")
+    scheme = WeightOnlyScheme(accuracy_level=COMPUTE[weight_only_compute])
     if samples < MIN_IMAGES:
         raise QuantizeError(f"--samples {samples}: need at least {MIN_IMAGES} calibration images")
     fp32 = load_bundle(bundle_path)
@@ -181,7 +185,7 @@ def quantize_bundle(bundle_path: str | Path, out: str | Path, data: str, *, spli
 
     with staged_output(out, force=force) as tmp, tempfile.TemporaryDirectory(prefix="waveclip-quant-") as scratch:
         files, weights, nodes = _write_levels(fp32, cal_patches, tmp, Path(scratch), backend, method, ops_list,
-                                              ops is not None, progress)
+                                              ops is not None, progress, scheme)
         for name in sorted(set(fp32.manifest["files"]) - _graph_data_files(fp32)):  # head, gate files, validation
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(fp32.path / name, tmp / name)
@@ -190,7 +194,7 @@ def quantize_bundle(bundle_path: str | Path, out: str | Path, data: str, *, spli
         manifest.pop("split", None)
         if fp32.has_split and weights is not None:  # ONNX Runtime / TensorRT: the shared body quantized too
             manifest["split"] = write_split_int8(fp32, cal_patches, tmp, Path(scratch), weights, SCHEMES[backend],
-                                                 method, ops_list)
+                                                 method, ops_list, scheme)
         elif fp32.has_split:
             manifest["split"] = write_split_openvino(fp32, cal_patches, tmp, method, ops_list if ops else None,
                                                      progress)
@@ -203,7 +207,7 @@ def quantize_bundle(bundle_path: str | Path, out: str | Path, data: str, *, spli
             manifest["external_data"] = {"file": weights.name, "bytes": weights.size, "unique_tensors": weights.unique,
                                          "tensor_references": weights.tensors}
         manifest["quantization"] = _provenance(fp32, backend, method, ops_list if ops or backend != "openvino"
-                                               else None, nodes, data_info, eval_info)
+                                               else None, nodes, data_info, eval_info, scheme)
         write_manifest(tmp, manifest)
         check_manifest(manifest)
 
@@ -233,7 +237,8 @@ def quantize_bundle(bundle_path: str | Path, out: str | Path, data: str, *, spli
 
 
 def _write_levels(fp32: Bundle, patches: list[np.ndarray], tmp: Path, scratch: Path, backend: str, method: str,
-                  ops: list[str], ops_given: bool, progress: bool) -> tuple[list[str], SharedWeights | None, dict]:
+                  ops: list[str], ops_given: bool, progress: bool, scheme: WeightOnlyScheme = WEIGHT_ONLY_SCHEME
+                  ) -> tuple[list[str], SharedWeights | None, dict]:
     """Quantize every level on its real inputs (walking the fp32 cascade) into ``tmp``; returns (level files, the
     shared weights file of ONNX graphs, {"quantized": ..., "float": ...} node counts per op type)."""
     weights = SharedWeights(tmp) if backend != "openvino" else None
@@ -245,7 +250,7 @@ def _write_levels(fp32: Bundle, patches: list[np.ndarray], tmp: Path, scratch: P
         src = fp32.level_path(k)
         if weights is not None:
             if method == WEIGHT_ONLY:
-                proto = quantize_weight_only(src)
+                proto = quantize_weight_only(src, scheme)
                 counts = weight_only_summary(proto)
             else:
                 proto = quantize_onnx(src, CascadeCalibrationReader(inputs, ORT_BATCH),
@@ -272,9 +277,9 @@ def _data_info(source: str, split: str | None, records: list[ImageRecord], skipp
 
 
 def _provenance(fp32: Bundle, backend: str, method: str, ops: list[str] | None, nodes: dict, data: dict,
-                eval_data: dict) -> dict:
+                eval_data: dict, weight_only: WeightOnlyScheme = WEIGHT_ONLY_SCHEME) -> dict:
     if method == WEIGHT_ONLY:
-        scheme = WEIGHT_ONLY_SCHEME.describe()
+        scheme = weight_only.describe()
     elif backend == "openvino":
         scheme = {"library": "nncf.quantize(model_type=TRANSFORMER, preset=MIXED; NNCF applies SmoothQuant and fast "
                              "bias correction)", "format": "OpenVINO IR (FakeQuantize, int8 weights)",
@@ -321,6 +326,10 @@ def _parser() -> argparse.ArgumentParser:
                         f"{WEIGHT_ONLY_SCHEME.block_size} (ONNX Runtime MatMulNBits), float activations, no "
                         "calibration images; nearest to fp32, 4x smaller weights; --backend onnxruntime "
                         "(OpenVINO reads it too, TensorRT does not)")
+    p.add_argument("--weight-only-compute", choices=tuple(COMPUTE), default="int8",
+                   help=f"with --method {WEIGHT_ONLY}: int8 (default; the kernel quantizes the activations per block "
+                        "and computes in int8, the fast path) or float (it dequantizes the weights and computes in "
+                        "fp32: only the weights' rounding differs from fp32, several times slower than fp32 on a CPU)")
     p.add_argument("--eval-data", metavar="DIR_OR_CSV",
                    help="held-out images for the fp32 vs int8 check (default: --data images not used for "
                         "calibration); calibration images are always excluded")
@@ -346,7 +355,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         manifest, report = quantize_bundle(
             args.bundle, args.output, args.data, split=args.split, backend=args.backend, samples=args.samples,
             method=args.method, eval_data=args.eval_data, eval_split=args.eval_split, eval_samples=args.eval_samples,
-            min_agreement=args.min_agreement, ops=ops, force=args.force, progress=not args.quiet)
+            min_agreement=args.min_agreement, ops=ops, force=args.force, progress=not args.quiet,
+            weight_only_compute=args.weight_only_compute)
     except AgreementTooLow as e:
         print(format_table(e.report))
         print(f"error: {e}", file=sys.stderr)

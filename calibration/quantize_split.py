@@ -15,7 +15,8 @@ import onnx
 import onnxruntime as ort
 from onnxruntime.quantization import CalibrationDataReader
 
-from calibration.backends import WEIGHT_ONLY, quantize_onnx, quantize_openvino, quantize_weight_only
+from calibration.backends import (WEIGHT_ONLY, WEIGHT_ONLY_SCHEME, WeightOnlyScheme, quantize_onnx, quantize_openvino,
+                                  quantize_weight_only)
 from calibration.reader import level_feeds
 from export.weights import SharedWeights, save_graph
 from runtime.bundle import Bundle
@@ -74,7 +75,8 @@ def body_items(fp32: Bundle, patches: list[np.ndarray], per_level: int = PER_LEV
 
 
 def write_split_int8(fp32: Bundle, patches: list[np.ndarray] | None, tmp: Path, scratch: Path,
-                     weights: SharedWeights, scheme, method: str, ops: list[str]) -> dict:
+                     weights: SharedWeights, scheme, method: str, ops: list[str],
+                     weight_only: WeightOnlyScheme = WEIGHT_ONLY_SCHEME) -> dict:
     """Write the int8 body and the float embedding graphs into ``tmp`` (data in ``weights``); the manifest entry."""
     entry = {**fp32.manifest["split"], "embed": [dict(e) for e in fp32.manifest["split"]["embed"]],
              "body": dict(fp32.manifest["split"]["body"])}
@@ -82,7 +84,7 @@ def write_split_int8(fp32: Bundle, patches: list[np.ndarray] | None, tmp: Path, 
         proto = onnx.load(str(fp32.embed_path(k)), load_external_data=True)
         save_graph(weights.externalize(proto), tmp / e["file"])
     if method == WEIGHT_ONLY:
-        proto = quantize_weight_only(fp32.body_path())
+        proto = quantize_weight_only(fp32.body_path(), weight_only)
         entry["body"]["quantized"] = {"weight_only": True, "levels": fp32.num_levels}
     else:
         proto = quantize_onnx(fp32.body_path(), ItemsReader(body_items(fp32, patches)), scratch / "body.int8.onnx",

@@ -75,12 +75,29 @@ def test_agrees_with_fp32_on_every_form(weight_only, tiny_bundle, sample_images)
     assert labels == [r.label for r in Cascade(fp32).classify(sample_images[:6])]
 
 
+def test_float_compute_only_rounds_the_weights(weight_only, tiny_bundle, tiny_csv, tmp_path):
+    """--weight-only-compute float: MatMulNBits at accuracy_level 1 (fp32 compute), recorded in the manifest; only the
+    weights' rounding is left, so every level's embedding is at least as near fp32 as with the int8 kernel."""
+    out = tmp_path / "float"
+    assert Q.main(_args(tiny_bundle, tiny_csv, out, "--min-agreement", "0.95", "--weight-only-compute", "float")) == 0
+    q = load_bundle(out).manifest["quantization"]
+    assert q["accuracy_level"] == 1 and q["activations"]["kernel_compute"] == "float"
+    for path in (out / "body.onnx", out / "level0.onnx"):
+        levels = {a.i for n in onnx.load(str(path), load_external_data=False).graph.node if n.op_type == "MatMulNBits"
+                  for a in n.attribute if a.name == "accuracy_level"}
+        assert levels == {1}
+    near = json.loads((out / "quantization_report.json").read_text())["levels"]
+    fast = json.loads((weight_only.path / "quantization_report.json").read_text())["levels"]
+    assert all(a["cosine_mean"] >= b["cosine_mean"] for a, b in zip(near, fast))
+
+
 def test_tensorrt_refuses_in_one_line(weight_only):
     with pytest.raises(BackendError, match="MatMulNBits"):
         create_backend(weight_only, "tensorrt")
 
 
-@pytest.mark.parametrize("extra", [("--backend", "openvino"), ("--quantize-ops", "MatMul")])
+@pytest.mark.parametrize("extra", [("--backend", "openvino"), ("--quantize-ops", "MatMul"),
+                                   ("--method", "minmax", "--weight-only-compute", "float")])
 def test_bad_combinations(extra, tiny_bundle, tiny_csv, tmp_path, capsys):
     out = tmp_path / "out"
     assert Q.main(_args(tiny_bundle, tiny_csv, out, *extra)) == 2
