@@ -22,8 +22,8 @@ import onnx
 from tqdm import tqdm
 
 from calibration.backends import (DEFAULT_OPS, ONNX_METHODS, SCHEMES, WEIGHT_ONLY, WEIGHT_ONLY_SCHEME,
-                                  WeightOnlyScheme, onnx_op_summary, quantize_onnx, quantize_openvino, quantize_weight_only,
-                                  weight_only_summary)
+                                  WeightOnlyScheme, onnx_op_summary, quantize_onnx, quantize_openvino,
+                                  quantize_weight_only, weight_only_summary)
 from calibration.compare import compare, format_table
 from calibration.quantize_split import write_split_int8, write_split_openvino
 from calibration.reader import CascadeCalibrationReader, level_feeds
@@ -155,7 +155,8 @@ def quantize_bundle(bundle_path: str | Path, out: str | Path, data: str, *, spli
         raise QuantizeError(f"--method {WEIGHT_ONLY} quantizes the weights of every MatMul; --quantize-ops does "
                             "not apply")
     if weight_only_compute not in COMPUTE or (weight_only_compute != "int8" and method != WEIGHT_ONLY):
-        raise QuantizeError(f"--weight-only-compute {weight_only_compute!r}: int8 or float, with --method {WEIGHT_ONLY}")
+        raise QuantizeError(f"--weight-only-compute {weight_only_compute!r}: int8 or float, with --method "
+                            f"{WEIGHT_ONLY}")
     scheme = WeightOnlyScheme(accuracy_level=COMPUTE[weight_only_compute])
     if samples < MIN_IMAGES:
         raise QuantizeError(f"--samples {samples}: need at least {MIN_IMAGES} calibration images")
