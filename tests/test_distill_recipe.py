@@ -147,7 +147,7 @@ def test_recipe_stages_and_help(tmp_path):
     import sys
 
     from train.recipe_demo import (DEFAULT_STAGES, Stage, _show, _stages, distill_command, head_command,
-                                   label_command)
+                                   label_command, self_command)
 
     assert _stages("3400") == (Stage(3400, 0, "student"),)
     assert _stages("3400:native,10500:aug2,12000:student:aug1") == (Stage(3400, 0, "native"), Stage(10500, 2),
@@ -170,6 +170,10 @@ def test_recipe_stages_and_help(tmp_path):
     assert float(labels[labels.index("--label-weight") + 1]) > 0 and labels[labels.index("--steps") + 1] == "3000"
     assert "--resume" in labels and labels[-2:] == ["--patch-hidden", "384"]
     assert distill.parse_args(labels[2:]).label_weight == 0.5  # the arguments train.distill accepts
+    selfed = self_command(Path("d.csv"), Path("s.csv"), Path("l.pt"), Path("x.pt"), 2, 1500, patch_hidden=384)
+    parsed = distill.parse_args(selfed[2:])  # from the label stage, its label loss kept, the last level teaching
+    assert parsed.init == Path("l.pt") and parsed.out == Path("x.pt") and parsed.steps == 1500
+    assert parsed.label_weight == 0.5 and parsed.self_weight > 0 and parsed.resume and parsed.patch_hidden == 384
     root = Path(__file__).resolve().parents[1]
     ok = subprocess.run([sys.executable, "-m", "train.recipe_demo", "--help"], cwd=root, capture_output=True, text=True)
     assert ok.returncode == 0 and "--steps" in ok.stdout
@@ -179,3 +183,6 @@ def test_recipe_stages_and_help(tmp_path):
     neg = subprocess.run([sys.executable, "-m", "train.recipe_demo", "--patch-hidden", "-1"], cwd=root,
                          capture_output=True, text=True)
     assert neg.returncode == 2 and neg.stderr.count("\n") == 1 and "--patch-hidden" in neg.stderr
+    alone = subprocess.run([sys.executable, "-m", "train.recipe_demo", "--label-steps", "0", "--self-steps", "500"],
+                           cwd=root, capture_output=True, text=True)  # the self stage starts from the label stage
+    assert alone.returncode == 2 and alone.stderr.count("\n") == 1 and "--self-steps" in alone.stderr
