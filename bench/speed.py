@@ -9,6 +9,8 @@ on real images:
 
 - ViT-B-16; WaveCLIP exiting at level 0, 1, 2 and always-full (the cost of an image that exits at k: the real
   cascade with the exits forced, head, softmax and KV rows included);
+- always-full in one pass: every level from the bundle's one-pass graph (export/full.py), which the runtime runs
+  when no image can exit early (the gate off), where the bundle and the backend have it;
 - the cascade at the exit mix, each image forced to its exit (runtime.timing.exit_plan): measured mean against the
   mean the exit costs predict (runtime.timing.expected_ms, the model calibration.gate --budget-ms uses);
 - throughput at ``--batch`` (images/s) of ViT-B-16 and of the cascade at the mix;
@@ -156,7 +158,10 @@ def probe_memory(spec: dict) -> dict:
 
         bundle = load_bundle(s.bundle, verify=False)
         opts = dict(s.options, threads=spec["threads"])
-        cascade = Cascade(bundle, create_backend(bundle, s.backend, **opts), thresholds=2.0)
+        # thresholds above 1: the image runs every level; "cascade": the levels one by one (the gated cascade's
+        # sessions), "onepass": the one-pass graph too (a session of its own, made on first use)
+        cascade = Cascade(bundle, create_backend(bundle, s.backend, **opts), thresholds=2.0,
+                          one_pass=spec["what"] == "onepass")
         cascade.classify_levels(images_to_levels(images[:1], bundle.preprocessing))
     import gc
 
@@ -285,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
             items[f"{s.label}|exit{k}"] = (lambda c=cascade, k=k: c.classify_levels(per_image[k % len(per_image)],
                                                                                     exit_levels=[k]))
 
+        if cascade.one_pass:  # every level in one block-causal pass (export/full.py), on exit{L-1}'s image
+            items[f"{s.label}|onepass"] = lambda c=cascade: c.classify_full(per_image[(L - 1) % len(per_image)])
         state = {"at": 0}
         states.append(state)
 
@@ -312,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
         for s in run:  # resident memory is not a timing: measured in fresh processes before the timed rounds
             log(f"memory: {s.label} ...")
             mem[s.label] = memory(s, "cascade", images_file, args.threads)
+            if load_bundle(s.bundle, verify=False).has_full:
+                mem[f"{s.label}|onepass"] = memory(s, "onepass", images_file, args.threads)
             if s.vit_row == s.label:
                 mem[f"{s.label}|vit"] = memory(s, "vit", images_file, args.threads)
         if cached is not None:
@@ -359,7 +368,11 @@ def summarize(run: list[Setup], t1: dict, tb: dict, mem: dict, mix: np.ndarray, 
                           "always_full_vs_vit": round(costs[-1]["mean_ms"] / vit["mean_ms"], 3),
                           "mix_vs_vit": round(measured["mean_ms"] / vit["mean_ms"], 3)},
                "memory": {"cascade": mem.get(s.label), "vit": mem.get(f"{s.vit_row}|vit"),
+                          "one_pass": mem.get(f"{s.label}|onepass"),
                           "ratio": round(casc_mem / vit_mem, 3) if casc_mem and vit_mem else None}}
+        if f"{s.label}|onepass" in t1:
+            row["one_pass"] = stat(t1[f"{s.label}|onepass"])
+            row["ratios"]["one_pass_vs_vit"] = round(row["one_pass"]["mean_ms"] / vit["mean_ms"], 3)
         if f"{s.label}|mix" in tb:
             vb = float(np.mean(tb[f"{s.vit_row}|vit"]))
             cb = float(np.mean(tb[f"{s.label}|mix"]))
@@ -377,24 +390,31 @@ def format_table(r: dict) -> str:
     mix = "/".join(f"{100 * m:g}" for m in r["mix"])
     lines = [f"batch 1, {r['threads']} threads, {r['rounds']} rounds interleaved within each backend; machine: "
              f"{r['machine']}", "",
-             f"| backend / precision | top-1 agree | ViT-B-16 ms | level 0 ms | always-full ms | "
+             f"| backend / precision | top-1 agree | ViT-B-16 ms | level 0 ms | always-full ms (one pass) | "
              f"cascade {mix} ms (expected) | "
-             f"level 0 / ViT | always-full / ViT | cascade / ViT | b{r['batch']} img/s ViT → cascade (ratio) | "
-             "RSS MiB ViT → cascade (ratio) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"level 0 / ViT | always-full / ViT (one pass) | cascade / ViT | b{r['batch']} img/s ViT → cascade "
+             "(ratio) | RSS MiB ViT → cascade (ratio) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in r["rows"]:
         c, q, m, t = row["exit_costs"], row["ratios"], row["memory"], row.get("throughput")
         tp = f"{t['vit_images_per_s']:.1f} → {t['mix_images_per_s']:.1f} ({t['ratio']:.2f}x)" if t else "-"
         mm = (f"{m['vit']['rss_mib']:.0f} → {m['cascade']['rss_mib']:.0f} ({m['ratio']:.2f}x)"
               if m["ratio"] else "-")
+        if m["ratio"] and (m.get("one_pass") or {}).get("rss_mib"):
+            mm += f"; one pass {m['one_pass']['rss_mib']:.0f} ({m['one_pass']['rss_mib'] / m['vit']['rss_mib']:.2f}x)"
+        one = row.get("one_pass")
+        full_ms = f"{c[-1]['mean_ms']:.1f}" + (f" ({one['mean_ms']:.1f})" if one else "")
+        full_x = f"{q['always_full_vs_vit']:.2f}x" + (f" ({q['one_pass_vs_vit']:.2f}x)" if one else "")
         lines.append(f"| {row['setup']} | {row['agreement_top1']:.0%} | {row['vit']['mean_ms']:.1f} | "
-                     f"{c[0]['mean_ms']:.1f} | {c[-1]['mean_ms']:.1f} "
+                     f"{c[0]['mean_ms']:.1f} | {full_ms} "
                      f"| {row['mix']['mean_ms']:.1f} ({row['expected_mix_ms']:.1f}) | {q['level0_vs_vit']:.2f}x | "
-                     f"{q['always_full_vs_vit']:.2f}x | {q['mix_vs_vit']:.2f}x | {tp} | {mm} |")
+                     f"{full_x} | {q['mix_vs_vit']:.2f}x | {tp} | {mm} |")
     lines += ["", "Means of per-image latency (model time, preprocessing excluded). 'expected' = sum over k of "
               "P(exit at k) x the mean cost of an image exiting at k (the cascade forced to exit there), the cost "
-              "model of calibration.gate --budget-ms. top-1 agree: the lowest, over levels, share of the images whose "
+              "model of calibration.gate --budget-ms. always-full (one pass): every level from the bundle's "
+              "one-pass graph (export/full.py), what the runtime runs when no image can exit early. top-1 agree: the lowest, over levels, share of the images whose "
               "head top-1 matches the first setup's (fp32) at that level. RSS: VmRSS of a fresh process holding the "
-              "loaded model, after its first image."]
+              "loaded model, after its first image (the cascade's sessions; one pass: with the one-pass graph's session, "
+              "made on first use, beside them)."]
     return "\n".join(lines)
 
 

@@ -98,9 +98,9 @@ def quantize_weight_only(src: Path, scheme: WeightOnlyScheme = WEIGHT_ONLY_SCHEM
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
     proto = onnx.load(str(src), load_external_data=True)
-    # The patch embedding (export names its nodes /patch_embed*) stays float, as in the split form, where it is a
-    # graph of its own: the level graphs and the split body then quantize the same MatMuls.
-    embed = [n.name for n in proto.graph.node if n.op_type == "MatMul" and n.name.startswith("/patch_embed")]
+    # The patch embedding (export names its nodes /patch_embed*, /model/patch_embed* in the one-pass graph) stays
+    # float, as in the split form, where it is a graph of its own: every graph then quantizes the same MatMuls.
+    embed = [n.name for n in proto.graph.node if n.op_type == "MatMul" and "/patch_embed" in n.name]
     config = DefaultWeightOnlyQuantConfig(block_size=scheme.block_size, is_symmetric=True, bits=8,
                                           accuracy_level=scheme.accuracy_level)
     quantizer = MatMulNBitsQuantizer(proto, bits=8, block_size=scheme.block_size, is_symmetric=True,

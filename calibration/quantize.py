@@ -25,6 +25,7 @@ from calibration.backends import (DEFAULT_OPS, ONNX_METHODS, SCHEMES, WEIGHT_ONL
                                   WeightOnlyScheme, onnx_op_summary, quantize_onnx, quantize_openvino,
                                   quantize_weight_only, weight_only_summary)
 from calibration.compare import compare, format_table
+from calibration.quantize_full import write_full_int8, write_full_openvino
 from calibration.quantize_split import write_split_int8, write_split_openvino
 from calibration.reader import CascadeCalibrationReader, level_feeds
 from export.weights import SharedWeights, save_graph
@@ -103,12 +104,14 @@ def load_patches(records: list[ImageRecord], spec: dict, what: str, source: str,
 
 
 def _graph_data_files(bundle: Bundle) -> set[str]:
-    """The level graphs, the split graphs (not quantized: the int8 bundle leaves them out) and their external-data
-    files."""
+    """The graphs (the level graphs, the split graphs, the one-pass graph: each written quantized, not copied) and
+    their external-data files."""
     names = set()
     paths = [bundle.level_path(k) for k in range(bundle.num_levels)]
     if bundle.has_split:
         paths += [bundle.embed_path(k) for k in range(bundle.num_levels)] + [bundle.body_path()]
+    if bundle.has_full:
+        paths.append(bundle.full_path())
     for path in paths:
         names.add(path.relative_to(bundle.path).as_posix())
         for t in onnx.load(str(path), load_external_data=False).graph.initializer:
@@ -199,6 +202,12 @@ def quantize_bundle(bundle_path: str | Path, out: str | Path, data: str, *, spli
         elif fp32.has_split:
             manifest["split"] = write_split_openvino(fp32, cal_patches, tmp, method, ops_list if ops else None,
                                                      progress)
+        manifest.pop("full", None)
+        if fp32.has_full and weights is not None:  # the one-pass graph quantized the same way
+            manifest["full"] = write_full_int8(fp32, cal_patches, tmp, Path(scratch), weights, SCHEMES[backend],
+                                               method, ops_list, scheme)
+        elif fp32.has_full:
+            manifest["full"] = write_full_openvino(fp32, cal_patches, tmp, method, ops_list if ops else None, progress)
         manifest.update(name=f"{manifest.get('name', 'waveclip')}-int8-{backend}", precision="int8",
                         graph_format="openvino" if backend == "openvino" else "onnx")
         for lv, name in zip(manifest["levels"], files):
@@ -220,6 +229,11 @@ def quantize_bundle(bundle_path: str | Path, out: str | Path, data: str, *, spli
                             labels, progress, weights="split")
             report["split"] = {k: split[k] for k in ("levels", "min_top1_agreement")}
             report["min_top1_agreement"] = min(report["min_top1_agreement"], split["min_top1_agreement"])
+        if "full" in manifest:  # and so does the one-pass graph, when every level is wanted
+            full = compare(fp32, load_bundle(tmp), eval_patches, "openvino" if backend == "openvino" else "onnxruntime",
+                           labels, progress, weights="levels", one_pass=True)
+            report["full"] = {k: full[k] for k in ("levels", "min_top1_agreement")}
+            report["min_top1_agreement"] = min(report["min_top1_agreement"], full["min_top1_agreement"])
         report["eval_data"] = eval_info
         if backend == "tensorrt":
             report["note"] = ("evaluated with onnxruntime CPU on the QDQ graphs; TensorRT engines are built and "

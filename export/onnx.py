@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from export.fp16 import to_fp16
+from export.full import export_full, full_entry, validate_full
 from export.graphs import DEFAULT_OPSET, EXPORTER, KINDS, PAST, PRESENT, export_level, level_io
 from export.optimize import optimize_graph, summarize
 from export.split import export_body, export_embed, split_entry, validate_split
@@ -110,9 +111,10 @@ def build_manifest(cfg: WaveCLIPConfig, level_entries: list[dict], head: dict, p
 def export_bundle(ckpt_path: str | Path, out: str | Path, *, opset: int = DEFAULT_OPSET, levels: str | None = None,
                   fp16: bool = False, force: bool = False, images: Sequence[str] | None = None,
                   optimize: bool = True, atol: float | None = None, progress: bool = True,
-                  split: bool = True) -> tuple[dict, dict]:
+                  split: bool = True, full: bool = True) -> tuple[dict, dict]:
     """Export and validate a bundle; returns (manifest, validation). With ``split`` (fp32 only) it also holds the
-    split graphs (export/split.py: per-level embeddings + one shared body). Raises ValidationFailed (nothing
+    split graphs (export/split.py: per-level embeddings + one shared body), with ``full`` (fp32 only) the one-pass
+    graph (export/full.py: every level in one block-causal pass). Raises ValidationFailed (nothing
     written), CheckpointError, BundleError, ImageError, ExportError or OSError."""
     start = time.time()
     check_output(ckpt_path, out, force)
@@ -145,6 +147,7 @@ def export_bundle(ckpt_path: str | Path, out: str | Path, *, opset: int = DEFAUL
                             "cumulative_gflops": round(cfg.cumulative_gflops(k), 6),
                             "inputs": inputs, "outputs": outputs})
         split_info = _write_split(model, chosen, opset, weights, tmp) if split and not fp16 else None
+        full_info = _write_full(model, chosen, opset, weights, tmp) if full and not fp16 else None
         head = {"class_names": list(ck_head["class_names"]), "labels": list(ck_head["labels"]),
                 "weight": write_array(tmp, "head_weight.bin", head_np["weight"]),
                 "bias": write_array(tmp, "head_bias.bin", head_np["bias"]),
@@ -157,6 +160,12 @@ def export_bundle(ckpt_path: str | Path, out: str | Path, *, opset: int = DEFAUL
                 result["passed"] = False
                 result["failures"].append(f"split graphs: max abs diff per level {result['split']['max_abs_diff_per_level']}"
                                           f" > atol {result['split']['atol']:g}")
+        if full_info is not None:
+            result["full"] = validate_full(tmp, full_info, model, patches[:len(chosen)], min(tol.values()))
+            if not result["full"]["passed"]:
+                result["passed"] = False
+                result["failures"].append(f"one-pass graph: max abs diff per level {result['full']['max_abs_diff_per_level']}"
+                                          f" > atol {result['full']['atol']:g}")
         result["images"] = {"source": source, "count": len(found),
                             "files": [Path(f).name for f in found if not isinstance(f, np.ndarray)]}
         (tmp / VALIDATION).write_text(json.dumps(result, indent=2) + "\n")
@@ -169,6 +178,8 @@ def export_bundle(ckpt_path: str | Path, out: str | Path, *, opset: int = DEFAUL
         manifest = build_manifest(cfg, entries, head, precision, summarize(records, OPT_THREADS), info, weights)
         if split_info is not None:
             manifest["split"] = split_info
+        if full_info is not None:
+            manifest["full"] = full_info
         write_manifest(tmp, manifest)
         if not result["passed"]:
             raise ValidationFailed(result)
@@ -184,6 +195,14 @@ def _write_split(model, levels: list[int], opset: int, weights: SharedWeights, f
     save_graph(weights.externalize(export_body(model, opset)), folder / entry["body"]["file"])
     for name in [e["file"] for e in entry["embed"]] + [entry["body"]["file"]]:
         onnx.checker.check_model(str(folder / name), full_check=True)
+    return entry
+
+
+def _write_full(model, levels: list[int], opset: int, weights: SharedWeights, folder: Path) -> dict:
+    """Write full.onnx (export/full.py; its weights deduplicated against the level graphs'); the manifest entry."""
+    entry = full_entry(len(levels))
+    save_graph(weights.externalize(export_full(model, len(levels), opset)), folder / entry["file"])
+    onnx.checker.check_model(str(folder / entry["file"]), full_check=True)
     return entry
 
 
@@ -211,6 +230,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-split", action="store_true",
                    help="leave out the split graphs (per-level embeddings + one body shared by all levels, which "
                         "let a runtime hold the weights once; fp32 only)")
+    p.add_argument("--no-full", action="store_true",
+                   help="leave out the one-pass graph (every level's embedding from one block-causal pass, which "
+                        "a runtime uses when every level is wanted; fp32 only)")
     p.add_argument("--atol", type=number(minimum=0),
                    help="max abs diff allowed against PyTorch for every output (default 1e-4 fp32; "
                         "fp16: 1e-2 embeddings, 5e-2 KV cache)")
@@ -225,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         manifest, result = export_bundle(
             args.checkpoint, args.output, opset=args.opset, levels=args.levels, fp16=args.fp16, force=args.force,
             images=args.images, optimize=not args.no_optimize, atol=args.atol, progress=not args.quiet,
-            split=not args.no_split)
+            split=not args.no_split, full=not args.no_full)
     except ValidationFailed as e:
         print(format_table(e.result))
         print(f"error: validation failed, no bundle written: {e}", file=sys.stderr)

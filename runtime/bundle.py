@@ -86,6 +86,14 @@ class Bundle:
     def body_path(self) -> Path:
         return self.path / self.manifest["split"]["body"]["file"]
 
+    @property
+    def has_full(self) -> bool:
+        """Whether the bundle holds the one-pass graph (every level in one block-causal pass, export/full.py)."""
+        return self.manifest.get("full") is not None
+
+    def full_path(self) -> Path:
+        return self.path / self.manifest["full"]["file"]
+
     def kv_names(self, level: int) -> tuple[list[str], list[str]]:
         """(past input names, present output names) of a level graph, in layer order key, value, key, value..."""
         layers = self.manifest["kv_cache"]["num_layers"]

@@ -70,12 +70,15 @@ class Cascade:
     """Classify images with early exit over a bundle.
 
     ``thresholds``: None (the manifest's), one float, or one per level before the last. ``max_level`` caps the depth
-    (that level always exits). ``labels``: restrict the head to a subset of class names or label ids.
+    (that level always exits). ``labels``: restrict the head to a subset of class names or label ids. ``one_pass``:
+    when every level is wanted (no gate, ``run_all_levels``), run the bundle's one-pass graph where the bundle and the
+    backend have it (False: always the levels one by one).
     """
 
     def __init__(self, bundle: Bundle | str | os.PathLike, backend: str | Backend = "onnxruntime",
                  thresholds: float | Sequence[float] | None = None, max_level: int | None = None,
-                 labels: Sequence[str] | None = None, top_k: int = 5, **backend_options) -> None:
+                 labels: Sequence[str] | None = None, top_k: int = 5, one_pass: bool = True,
+                 **backend_options) -> None:
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
         self.backend = create_backend(self.bundle, backend, **backend_options) if isinstance(backend, str) else backend
         self.thresholds = normalize_thresholds(thresholds, self.bundle)
@@ -84,6 +87,8 @@ class Cascade:
         if not 0 <= self.max_level <= last:
             raise ValueError(f"max level {max_level} out of range 0..{last}")
         self.top_k = top_k
+        self.one_pass = (one_pass and self.bundle.has_full and hasattr(self.backend, "run_full")
+                         and self.max_level == last)
         self.class_index = self._select_classes(labels)
         self.weight = self.bundle.head_weight[self.class_index]
         self.bias = self.bundle.head_bias[self.class_index]
@@ -133,8 +138,24 @@ class Cascade:
         if forced is not None and (forced.shape != (levels[0].shape[0],) or forced.min(initial=0) < 0
                                    or forced.max(initial=0) > self.max_level):
             raise ValueError(f"exit_levels must hold one level in 0..{self.max_level} per row")
+        if forced is None and 0 < self.max_level and min(self.thresholds[:self.max_level]) > 1.0:
+            return self.classify_full(levels, keep_embeddings)  # a margin is at most 1: no row can exit early
         with host_single_threaded():
             return self._classify_levels(levels, keep_embeddings, forced)
+
+    def classify_full(self, levels: list[np.ndarray], keep_embeddings: bool = False) -> list[Result]:
+        """Every row to ``max_level`` with no gate: one block-causal pass over all the levels' tokens where
+        ``one_pass`` (the ViT's shape of work instead of one small pass per level), else the levels one by one."""
+        if not self.one_pass:
+            return self.classify_levels(levels, keep_embeddings, exit_levels=[self.max_level] * levels[0].shape[0])
+        t0 = time.perf_counter()
+        with host_single_threaded():
+            emb = self.backend.run_full(levels)[-1]
+            probs = self._probabilities(emb)
+            margin = margins(probs)
+        ms = [(time.perf_counter() - t0) * 1e3]
+        return [self._result(probs[j], float(margin[j]), self.max_level, ms, emb[j] if keep_embeddings else None)
+                for j in range(len(emb))]
 
     def _classify_levels(self, levels: list[np.ndarray], keep_embeddings: bool,
                          forced: np.ndarray | None) -> list[Result]:
@@ -164,9 +185,12 @@ class Cascade:
         return results  # type: ignore[return-value]
 
     def run_all_levels(self, levels: list[np.ndarray]) -> list[np.ndarray]:
-        """Embeddings of every level for every row (no gate): what calibration and evaluation measure once."""
+        """Embeddings of every level for every row (no gate): what calibration and evaluation measure once (in one
+        pass where ``one_pass``)."""
         past, out = None, []
         with host_single_threaded():
+            if self.one_pass:
+                return list(self.backend.run_full(levels))
             for k in range(self.max_level + 1):
                 emb, past = self.backend.run_level(k, levels[k], past)
                 out.append(emb)

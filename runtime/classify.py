@@ -30,7 +30,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--backend", default="onnxruntime", choices=BACKENDS, help="inference backend (default onnxruntime)")
     p.add_argument("--threshold", type=threshold, nargs="+", metavar="T",
                    help="gate threshold (>= 0; above 1 never exits) on the softmax top-1 minus top-2 margin: one value "
-                        "for every level or one per level before the last (default: the manifest's thresholds)")
+                        "for every level or one per level before the last (default: the manifest's thresholds); "
+                        "when none can exit, every level runs in one pass (the bundle's one-pass graph, where it has "
+                        "one and the backend runs it)")
     p.add_argument("--max-level", type=integer(0), help="never run deeper than this level (it always exits)")
     p.add_argument("--top-k", type=integer(1), default=5, help="labels to report per image (default 5)")
     p.add_argument("--labels", help="comma-separated subset of class names or label ids to classify among")

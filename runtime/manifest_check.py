@@ -149,6 +149,7 @@ def check_manifest(manifest: Any, where: str = "manifest.json") -> None:
     if manifest.get("quantization") is not None:
         f.obj(manifest, "quantization")
     _check_split(f, manifest, len(levels))
+    _check_full(f, manifest, len(levels))
     _check_files(f, manifest)
 
 
@@ -324,6 +325,18 @@ def _check_head(f: _Fields, manifest: dict, model: dict) -> None:
             f.fail(q + "shape", f"is {_show(got)}, expected {shape} (labels x model.embed_dim)")
 
 
+def _check_full(f: _Fields, manifest: dict, num_levels: int) -> None:
+    """The optional one-pass graph (export/full.py): patches.{k} in, embedding.{k} out, for every level."""
+    full = f.obj(manifest, "full", required=False)
+    if full is None:
+        return
+    f.path(full, "file", "full.")
+    for key, stem in (("inputs", "patches"), ("outputs", "embedding")):
+        names = f.array(full, key, "full.")
+        if names != [f"{stem}.{k}" for k in range(num_levels)]:
+            f.fail(f"full.{key}", f"expected {stem}.0 .. {stem}.{num_levels - 1}, got {_show(names)}")
+
+
 def _check_files(f: _Fields, manifest: dict) -> None:
     files = f.obj(manifest, "files")
     for name, digest in files.items():
@@ -335,6 +348,8 @@ def _check_files(f: _Fields, manifest: dict) -> None:
     needed += [manifest["head"]["weight"]["file"], manifest["head"]["bias"]["file"]]
     if manifest.get("split") is not None:
         needed += [e["file"] for e in manifest["split"]["embed"]] + [manifest["split"]["body"]["file"]]
+    if manifest.get("full") is not None:
+        needed.append(manifest["full"]["file"])
     if extra is not None:
         needed.append(f.path(extra, "file", "external_data."))
         for key in ("bytes", "unique_tensors", "tensor_references"):

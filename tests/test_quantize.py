@@ -104,8 +104,9 @@ def test_reader_feeds_real_kv(ort_int8, tiny_bundle, tiny_csv):
     """Level k was calibrated on the real images' patches and exactly the KV the fp32 level k-1 produced for them."""
     _, seen = ort_int8
     fp32 = load_bundle(tiny_bundle)
-    assert len(seen) == fp32.num_levels + 1  # the level graphs, then the split body
-    feeds = [{name: np.concatenate([item[name] for item in items]) for name in items[0]} for items in seen[:-1]]
+    assert len(seen) == fp32.num_levels + 2  # the level graphs, the split body, then the one-pass graph
+    feeds = [{name: np.concatenate([item[name] for item in items]) for name in items[0]}
+             for items in seen[:fp32.num_levels]]
     records = spread(read_image_list(tiny_csv, "train"), 24, Q.SEED)
     expected = preprocess([r.path for r in records], fp32.preprocessing)
     past: list[np.ndarray] = []
@@ -118,6 +119,8 @@ def test_reader_feeds_real_kv(ort_int8, tiny_bundle, tiny_csv):
             np.testing.assert_allclose(feeds[k][name], ref, rtol=0, atol=1e-6)
         past = sess.run(None, {"patches": expected[k], **dict(zip(names, past))})[1:]
     assert np.abs(feeds[1][fp32.kv_names(1)[0][0]]).max() > 0
+    for k in range(fp32.num_levels):  # the one-pass graph: every level's patches of the same images
+        np.testing.assert_array_equal(np.concatenate([item[f"patches.{k}"] for item in seen[-1]]), expected[k])
 
 
 def test_split_body_calibrated_on_every_level(ort_int8, tiny_bundle):
@@ -125,7 +128,7 @@ def test_split_body_calibrated_on_every_level(ort_int8, tiny_bundle):
     graph, the level index, the fp32 KV cache: empty at level 0), and the split form agrees with fp32 too."""
     out, seen = ort_int8
     fp32, int8 = load_bundle(tiny_bundle), load_bundle(out)
-    body_items = seen[-1]
+    body_items = seen[-2]
     assert sorted({int(item["level"]) for item in body_items}) == list(range(fp32.num_levels))
     level0 = [item for item in body_items if int(item["level"]) == 0]
     embed = ort.InferenceSession(str(fp32.embed_path(0)), providers=["CPUExecutionProvider"])

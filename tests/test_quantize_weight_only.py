@@ -55,6 +55,8 @@ def test_bundle_contract(weight_only, tiny_bundle):
         assert all("patch_embed" in n for n in plain if "attn/MatMul" not in n)  # embedding and attention float
         assert not {"QuantizeLinear", "DequantizeLinear"} & {n.op_type for n in
                                                             onnx.load(str(weight_only.level_path(k))).graph.node}
+    quantized, plain = _matmuls(weight_only.full_path())  # the one-pass graph: the same MatMuls quantized
+    assert quantized and all("patch_embed" in n for n in plain if "attn/MatMul" not in n)
     ext = m["external_data"]
     assert ext["unique_tensors"] < ext["tensor_references"]  # the levels and the body share each int8 weight once
     assert (weight_only.path / "weights.bin").stat().st_size < 0.6 * (fp32.path / "weights.bin").stat().st_size

@@ -162,7 +162,9 @@ def test_bench_speed_prints_the_table(tiny_bundle, tmp_path):
         assert row["mix"]["runs"] == 2 and len(row["exit_costs"]) == 4 and row["expected_mix_ms"] > 0
         assert row["memory"]["cascade"]["rss_mib"] > 0 and row["memory"]["ratio"] > 0
         assert row["agreement_top1"] >= 0.99 or "bf16" in row["setup"]
+        assert row["one_pass"]["runs"] == 2 and row["ratios"]["one_pass_vs_vit"] > 0  # the bundle's one-pass graph
     assert all(row["throughput"]["batch"] == 2 for row in r["rows"])
+    assert "always-full / ViT (one pass)" in out.stdout
 
 
 def test_openvino_bf16_is_an_explicit_precision_close_to_fp32(tiny_bundle):

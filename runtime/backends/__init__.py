@@ -3,7 +3,8 @@
 A backend runs one level graph: ``run_level(level, patches, past) -> (embedding, present)`` where ``past``/``present``
 are the backend's own KV-cache handles (kept in the backend's memory where it allows: ONNX Runtime OrtValues,
 OpenVINO tensors, TensorRT device buffers), and ``take_rows(present, rows)`` keeps the cache rows of the inputs that go
-on to the next level. ``to_numpy(present)`` exposes a cache for tests and debugging.
+on to the next level. ``to_numpy(present)`` exposes a cache for tests and debugging. Optionally,
+``run_full(levels) -> [embedding per level]`` runs the bundle's one-pass graph (export/full.py) where it has one.
 """
 from __future__ import annotations
 

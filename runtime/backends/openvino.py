@@ -60,6 +60,21 @@ class OpenVINOBackend:
         except Exception as e:  # openvino raises RuntimeError subclasses with long messages
             raise BackendError(f"openvino cannot compile the bundle graphs on {device}: {one_line(e)}") from None
         self._empty_past: dict[int, list] = {}
+        self._core, self._device, self._config, self._full = core, device, config, None
+
+    def run_full(self, levels: list[np.ndarray]) -> list[np.ndarray]:
+        """Every level's embedding from the bundle's one-pass graph (export/full.py), compiled on first use."""
+        if not self.bundle.has_full:
+            raise BackendError(f"{self.bundle.path}: no one-pass graph (export it again without --no-full)")
+        if self._full is None:
+            try:
+                self._full = self._core.compile_model(str(self.bundle.full_path()), self._device,
+                                                      self._config).create_infer_request()
+            except Exception as e:
+                raise BackendError(f"openvino cannot compile the one-pass graph: {one_line(e)}") from None
+        names = self.bundle.manifest["full"]["inputs"]
+        self._full.infer({n: np.ascontiguousarray(p, dtype=np.float32) for n, p in zip(names, levels)})
+        return [self._full.get_tensor(n).data.copy() for n in self.bundle.manifest["full"]["outputs"]]
 
     def run_level(self, level: int, patches: np.ndarray, past: list | None):
         req = self.requests[level]

@@ -88,6 +88,21 @@ class OnnxRuntimeBackend:
             raise BackendError(f"onnxruntime cannot load the bundle graphs: {one_line(e)}") from None
         self.device = _DEVICE.get(self.sessions[0].get_providers()[0], "cpu")
         self.output_names = [[o.name for o in s.get_outputs()] for s in self.sessions]
+        self._options, self._full = options, None
+
+    def run_full(self, levels: list[np.ndarray]) -> list[np.ndarray]:
+        """Every level's embedding from the bundle's one-pass graph (export/full.py), its session made on first use
+        (so a cascade that never needs it holds no second copy of the weights)."""
+        if not self.bundle.has_full:
+            raise BackendError(f"{self.bundle.path}: no one-pass graph (export it again without --no-full)")
+        if self._full is None:
+            try:
+                self._full = ort.InferenceSession(str(self.bundle.full_path()), self._options(),
+                                                  providers=self.providers)
+            except Exception as e:
+                raise BackendError(f"onnxruntime cannot load the one-pass graph: {one_line(e)}") from None
+        names = self.bundle.manifest["full"]["inputs"]
+        return self._full.run(None, {n: np.ascontiguousarray(p, dtype=np.float32) for n, p in zip(names, levels)})
 
     def _level_feeds(self, level: int, batch: int, past: list) -> tuple[list[str], list]:
         """Past input names and values for ``level``; the split body also takes ``level`` and, at level 0, empty past
