@@ -411,10 +411,10 @@ def format_table(r: dict) -> str:
     lines += ["", "Means of per-image latency (model time, preprocessing excluded). 'expected' = sum over k of "
               "P(exit at k) x the mean cost of an image exiting at k (the cascade forced to exit there), the cost "
               "model of calibration.gate --budget-ms. always-full (one pass): every level from the bundle's "
-              "one-pass graph (export/full.py), what the runtime runs when no image can exit early. top-1 agree: the lowest, over levels, share of the images whose "
-              "head top-1 matches the first setup's (fp32) at that level. RSS: VmRSS of a fresh process holding the "
-              "loaded model, after its first image (the cascade's sessions; one pass: with the one-pass graph's session, "
-              "made on first use, beside them)."]
+              "one-pass graph (export/full.py), what the runtime runs when no image can exit early. top-1 agree: "
+              "the lowest, over levels, share of the images whose head top-1 matches the first setup's (fp32) at "
+              "that level. RSS: VmRSS of a fresh process holding the loaded model, after its first image (the "
+              "cascade's sessions; one pass: with the one-pass graph's session, made on first use, beside them)."]
     return "\n".join(lines)
 
 

@@ -164,8 +164,8 @@ def export_bundle(ckpt_path: str | Path, out: str | Path, *, opset: int = DEFAUL
             result["full"] = validate_full(tmp, full_info, model, patches[:len(chosen)], min(tol.values()))
             if not result["full"]["passed"]:
                 result["passed"] = False
-                result["failures"].append(f"one-pass graph: max abs diff per level {result['full']['max_abs_diff_per_level']}"
-                                          f" > atol {result['full']['atol']:g}")
+                worst, atol = result["full"]["max_abs_diff_per_level"], result["full"]["atol"]
+                result["failures"].append(f"one-pass graph: max abs diff per level {worst} > atol {atol:g}")
         result["images"] = {"source": source, "count": len(found),
                             "files": [Path(f).name for f in found if not isinstance(f, np.ndarray)]}
         (tmp / VALIDATION).write_text(json.dumps(result, indent=2) + "\n")

@@ -16,7 +16,8 @@ def test_bundle_holds_the_validated_one_pass_graph(tiny_bundle):
     validate_manifest(bundle.manifest)
     full = bundle.manifest["full"]
     assert bundle.has_full and full["file"] in bundle.manifest["files"]
-    assert full["inputs"] == [f"patches.{k}" for k in range(4)] and full["outputs"] == [f"embedding.{k}" for k in range(4)]
+    assert full["inputs"] == [f"patches.{k}" for k in range(4)]
+    assert full["outputs"] == [f"embedding.{k}" for k in range(4)]
     graph = onnx.load(str(bundle.full_path()), load_external_data=False).graph
     assert [i.name for i in graph.input] == full["inputs"] and [o.name for o in graph.output] == full["outputs"]
     big = [t for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]

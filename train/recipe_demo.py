@@ -15,9 +15,9 @@ scratch, then warm restarts to 16,000 and 22,000 steps, and a last one to 26,000
 student had begun to learn its training images by heart, so the last stage brings fresh ones). A label stage
 (``--label-steps``) then adds the cross-entropy of the fit images' own labels for 3,000 steps (an optional
 self-distillation stage, ``--self-steps N``, then trains N more in which the last level also teaches the earlier
-ones), and the head (the teacher's classifier rows) is refit on the student's embeddings of the labelled fit images (``train.head``:
-+6-10 points of calib top-1 per level; val stays unused). ``--steps`` takes one
-total or stages (each resumes the last with a new cosine schedule; ``N:augK``, ``N:native``):
+ones), and the head (the teacher's classifier rows) is refit on the student's embeddings of the labelled fit images
+(``train.head``: +6-10 points of calib top-1 per level; val stays unused). ``--steps`` takes one total or stages
+(each resumes the last with a new cosine schedule; ``N:augK``, ``N:native``):
 ``--label-steps 0`` gives the model shipped before this one, the four stages with their head refit; the one before
 that is the same four stages with the teacher's rows (no head refit);
 ``--steps 9000:aug2,16000:aug2,22000:aug2`` gives the one before it, ``--steps 9000:aug2,16000:aug2``
@@ -234,8 +234,8 @@ def main() -> int:
                         f"{LABEL_WEIGHT}; 0: none, the head refit reads the distilled model; default {LABEL_STEPS})")
     p.add_argument("--self-steps", type=int, default=SELF_STEPS, metavar="N",
                    help="steps of a self-distillation stage after the label stage (train.distill --init ... "
-                        f"--self-weight {SELF_WEIGHT:g}: the last level teaches the earlier ones; default {SELF_STEPS}: "
-                        "none, the shipped model)")
+                        f"--self-weight {SELF_WEIGHT:g}: the last level teaches the earlier ones; default "
+                        f"{SELF_STEPS}: none, the shipped model)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--skip-train", action="store_true", help="reuse WORK/ckpt-full.pt (and WORK/ckpt-labels.pt, "
                    "WORK/ckpt-self.pt)")
