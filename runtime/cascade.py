@@ -89,6 +89,8 @@ class Cascade:
         self.top_k = top_k
         self.one_pass = (one_pass and self.bundle.has_full and hasattr(self.backend, "run_full")
                          and self.max_level == last)
+        if self.one_pass and self._no_early_exit():
+            self.backend.load_full()  # every image will run it: load it now, not inside the first image's time
         self.class_index = self._select_classes(labels)
         self.weight = self.bundle.head_weight[self.class_index]
         self.bias = self.bundle.head_bias[self.class_index]
@@ -138,10 +140,14 @@ class Cascade:
         if forced is not None and (forced.shape != (levels[0].shape[0],) or forced.min(initial=0) < 0
                                    or forced.max(initial=0) > self.max_level):
             raise ValueError(f"exit_levels must hold one level in 0..{self.max_level} per row")
-        if forced is None and 0 < self.max_level and min(self.thresholds[:self.max_level]) > 1.0:
-            return self.classify_full(levels, keep_embeddings)  # a margin is at most 1: no row can exit early
+        if forced is None and self._no_early_exit():
+            return self.classify_full(levels, keep_embeddings)
         with host_single_threaded():
             return self._classify_levels(levels, keep_embeddings, forced)
+
+    def _no_early_exit(self) -> bool:
+        """No threshold before ``max_level`` can be met (a margin is at most 1)."""
+        return 0 < self.max_level and min(self.thresholds[:self.max_level]) > 1.0
 
     def classify_full(self, levels: list[np.ndarray], keep_embeddings: bool = False) -> list[Result]:
         """Every row to ``max_level`` with no gate: one block-causal pass over all the levels' tokens where

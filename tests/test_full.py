@@ -50,6 +50,7 @@ def test_no_early_exit_runs_one_pass(tiny_bundle, sample_images, monkeypatch):
     """Thresholds above 1 (a margin never reaches them) send every image to the last level: one pass, the same answer
     as the levels forced to the last level."""
     cascade = Cascade(tiny_bundle, thresholds=1.5)
+    assert cascade.backend._full is not None  # made at construction, not inside the first image's time
     calls = []
     real = cascade.backend.run_full
     monkeypatch.setattr(cascade.backend, "run_full", lambda levels: calls.append(1) or real(levels))
@@ -60,6 +61,7 @@ def test_no_early_exit_runs_one_pass(tiny_bundle, sample_images, monkeypatch):
     assert [r.label for r in results] == [r.label for r in forced]
     assert np.allclose([r.score for r in results], [r.score for r in forced], atol=1e-5)
     gated = Cascade(tiny_bundle, thresholds=0.5)  # a gate that can exit: the levels one by one, never one pass
+    assert gated.backend._full is None  # and no second copy of the weights in memory
     monkeypatch.setattr(gated.backend, "run_full", lambda levels: pytest.fail("one pass with a live gate"))
     gated.classify(sample_images[:2])
 

@@ -4,7 +4,8 @@ A backend runs one level graph: ``run_level(level, patches, past) -> (embedding,
 are the backend's own KV-cache handles (kept in the backend's memory where it allows: ONNX Runtime OrtValues,
 OpenVINO tensors, TensorRT device buffers), and ``take_rows(present, rows)`` keeps the cache rows of the inputs that go
 on to the next level. ``to_numpy(present)`` exposes a cache for tests and debugging. Optionally,
-``run_full(levels) -> [embedding per level]`` runs the bundle's one-pass graph (export/full.py) where it has one.
+``run_full(levels) -> [embedding per level]`` runs the bundle's one-pass graph (export/full.py) where it has one
+(``load_full()`` makes its session ahead of the first call).
 """
 from __future__ import annotations
 

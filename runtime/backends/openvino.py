@@ -62,8 +62,8 @@ class OpenVINOBackend:
         self._empty_past: dict[int, list] = {}
         self._core, self._device, self._config, self._full = core, device, config, None
 
-    def run_full(self, levels: list[np.ndarray]) -> list[np.ndarray]:
-        """Every level's embedding from the bundle's one-pass graph (export/full.py), compiled on first use."""
+    def load_full(self) -> None:
+        """Compile the one-pass graph (export/full.py) unless compiled: on first use, as ONNX Runtime's backend."""
         if not self.bundle.has_full:
             raise BackendError(f"{self.bundle.path}: no one-pass graph (export it again without --no-full)")
         if self._full is None:
@@ -72,6 +72,10 @@ class OpenVINOBackend:
                                                       self._config).create_infer_request()
             except Exception as e:
                 raise BackendError(f"openvino cannot compile the one-pass graph: {one_line(e)}") from None
+
+    def run_full(self, levels: list[np.ndarray]) -> list[np.ndarray]:
+        """Every level's embedding from the bundle's one-pass graph."""
+        self.load_full()
         names = self.bundle.manifest["full"]["inputs"]
         self._full.infer({n: np.ascontiguousarray(p, dtype=np.float32) for n, p in zip(names, levels)})
         return [self._full.get_tensor(n).data.copy() for n in self.bundle.manifest["full"]["outputs"]]

@@ -90,9 +90,9 @@ class OnnxRuntimeBackend:
         self.output_names = [[o.name for o in s.get_outputs()] for s in self.sessions]
         self._options, self._full = options, None
 
-    def run_full(self, levels: list[np.ndarray]) -> list[np.ndarray]:
-        """Every level's embedding from the bundle's one-pass graph (export/full.py), its session made on first use
-        (so a cascade that never needs it holds no second copy of the weights)."""
+    def load_full(self) -> None:
+        """Make the one-pass graph's session (export/full.py) unless made: on first use, so that a cascade that never
+        needs it holds no second copy of the weights."""
         if not self.bundle.has_full:
             raise BackendError(f"{self.bundle.path}: no one-pass graph (export it again without --no-full)")
         if self._full is None:
@@ -101,6 +101,10 @@ class OnnxRuntimeBackend:
                                                   providers=self.providers)
             except Exception as e:
                 raise BackendError(f"onnxruntime cannot load the one-pass graph: {one_line(e)}") from None
+
+    def run_full(self, levels: list[np.ndarray]) -> list[np.ndarray]:
+        """Every level's embedding from the bundle's one-pass graph."""
+        self.load_full()
         names = self.bundle.manifest["full"]["inputs"]
         return self._full.run(None, {n: np.ascontiguousarray(p, dtype=np.float32) for n, p in zip(names, levels)})
 
