@@ -44,14 +44,19 @@ def _run(cascade: Cascade, patches: list[np.ndarray], progress: bool, desc: str)
 
 def compare(fp32: Bundle, int8: Bundle, patches: list[np.ndarray], int8_backend: str = "onnxruntime",
             true_labels: Sequence[str | None] | None = None, progress: bool = True, weights: str = "auto",
-            one_pass: bool = False) -> dict:
+            one_pass: bool = False, reference: dict | None = None) -> dict:
     """Compare the int8 bundle (run by ``int8_backend`` in its ``weights`` mode; auto, as the runtime: the split
     graphs when it has them; with ``one_pass``, its one-pass graph for every level's embedding) with the fp32 bundle
-    (ONNX Runtime CPU, level graphs) on ``patches``."""
-    ref = Cascade(fp32, "onnxruntime", providers=["CPUExecutionProvider"], weights="levels", one_pass=False)
+    (ONNX Runtime CPU, level graphs) on ``patches``. ``reference``: a dict kept between calls on the same fp32 bundle
+    and patches, so that the fp32 pass runs once for several int8 forms."""
+    cache = {} if reference is None else reference
+    if "cascade" not in cache:
+        cache["cascade"] = Cascade(fp32, "onnxruntime", providers=["CPUExecutionProvider"], weights="levels",
+                                   one_pass=False)
+        cache["run"] = _run(cache["cascade"], patches, progress, "eval fp32")
+    ref, (ref_emb, ref_lab, ref_exit) = cache["cascade"], cache["run"]
     q_opts = {"weights": weights} | ({"providers": ["CPUExecutionProvider"]} if int8_backend == "onnxruntime" else {})
     got = Cascade(int8, int8_backend, one_pass=one_pass, **q_opts)
-    ref_emb, ref_lab, ref_exit = _run(ref, patches, progress, "eval fp32")
     q_emb, q_lab, q_exit = _run(got, patches, progress, f"eval int8 ({int8_backend})")
     labels = np.array(fp32.labels)
     known = true_labels is not None and all(t in set(fp32.labels) for t in true_labels)

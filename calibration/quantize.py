@@ -222,18 +222,14 @@ def quantize_bundle(bundle_path: str | Path, out: str | Path, data: str, *, spli
         check_manifest(manifest)
 
         labels = [r.label for r in held] if all(r.label for r in held) else None
-        report = compare(fp32, load_bundle(tmp), eval_patches, "openvino" if backend == "openvino" else "onnxruntime",
-                         labels, progress, weights="levels")
-        if "split" in manifest:  # the split form answers too: it must agree as well
-            split = compare(fp32, load_bundle(tmp), eval_patches, "openvino" if backend == "openvino" else "onnxruntime",
-                            labels, progress, weights="split")
-            report["split"] = {k: split[k] for k in ("levels", "min_top1_agreement")}
-            report["min_top1_agreement"] = min(report["min_top1_agreement"], split["min_top1_agreement"])
-        if "full" in manifest:  # and so does the one-pass graph, when every level is wanted
-            full = compare(fp32, load_bundle(tmp), eval_patches, "openvino" if backend == "openvino" else "onnxruntime",
-                           labels, progress, weights="levels", one_pass=True)
-            report["full"] = {k: full[k] for k in ("levels", "min_top1_agreement")}
-            report["min_top1_agreement"] = min(report["min_top1_agreement"], full["min_top1_agreement"])
+        runner, written, reference = "openvino" if backend == "openvino" else "onnxruntime", load_bundle(tmp), {}
+        report = compare(fp32, written, eval_patches, runner, labels, progress, weights="levels", reference=reference)
+        # the split form and the one-pass graph answer too: they must agree as well
+        forms = {"split": {"weights": "split"}, "full": {"weights": "levels", "one_pass": True}}
+        for form in (f for f in forms if f in manifest):
+            other = compare(fp32, written, eval_patches, runner, labels, progress, reference=reference, **forms[form])
+            report[form] = {k: other[k] for k in ("levels", "min_top1_agreement")}
+            report["min_top1_agreement"] = min(report["min_top1_agreement"], other["min_top1_agreement"])
         report["eval_data"] = eval_info
         if backend == "tensorrt":
             report["note"] = ("evaluated with onnxruntime CPU on the QDQ graphs; TensorRT engines are built and "

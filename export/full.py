@@ -16,9 +16,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from torch import nn
 
-from export.graphs import _trace
+from export.graphs import FullGraph, trace_proto
 from model.waveclip import WaveCLIP
 
 FILE = "full.onnx"
@@ -32,17 +31,6 @@ def output_names(num_levels: int) -> list[str]:
     return [f"embedding.{k}" for k in range(num_levels)]
 
 
-class OnePassGraph(nn.Module):
-    """(patches of levels 0..n-1) -> (embedding of each level), one masked forward (WaveCLIP.forward)."""
-
-    def __init__(self, model: WaveCLIP) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, *patches: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(self.model(list(patches)))
-
-
 def full_entry(num_levels: int) -> dict:
     """The manifest's ``full`` entry (the file's sha256 goes to ``files``)."""
     return {"file": FILE, "inputs": input_names(num_levels), "outputs": output_names(num_levels),
@@ -51,14 +39,10 @@ def full_entry(num_levels: int) -> dict:
 
 def export_full(model: WaveCLIP, num_levels: int, opset: int, batch: int = 2) -> onnx.ModelProto:
     """Trace the one-pass graph over levels 0..num_levels-1 (batch dynamic) with its weights in memory."""
-    import tempfile
-
     cfg = model.config
     args = tuple(torch.randn(batch, cfg.patches_per_level, cfg.patch_dim(k)) for k in range(num_levels))
-    with tempfile.TemporaryDirectory(prefix="waveclip-export-") as tmp, torch.no_grad():
-        path = Path(tmp) / FILE
-        _trace(OnePassGraph(model).eval(), args, path, input_names(num_levels), output_names(num_levels), opset)
-        return onnx.load(str(path), load_external_data=True)
+    return trace_proto(FullGraph(model, num_levels, every_level=True), args, "full", input_names(num_levels),
+                       output_names(num_levels), opset)
 
 
 def validate_full(folder: Path, entry: dict, model: WaveCLIP, patches: list[np.ndarray], atol: float) -> dict:

@@ -48,14 +48,16 @@ class LevelGraph(nn.Module):
 
 
 class FullGraph(nn.Module):
-    """Levels 0..n-1 without a cache (full block-causal forward) -> the last level's embedding."""
+    """Levels 0..n-1 without a cache (full block-causal forward) -> the last level's embedding, or with
+    ``every_level`` each level's (the bundle's one-pass graph, export/full.py)."""
 
-    def __init__(self, model: WaveCLIP, num_levels: int) -> None:
+    def __init__(self, model: WaveCLIP, num_levels: int, every_level: bool = False) -> None:
         super().__init__()
-        self.model, self.num_levels = model, num_levels
+        self.model, self.num_levels, self.every_level = model, num_levels, every_level
 
-    def forward(self, *patches: torch.Tensor) -> torch.Tensor:
-        return self.model(list(patches))[-1]
+    def forward(self, *patches: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        embeddings = self.model(list(patches))
+        return tuple(embeddings) if self.every_level else embeddings[-1]
 
 
 def _dummy(shape: list, batch: int) -> torch.Tensor:
@@ -84,15 +86,21 @@ def _trace(module: nn.Module, args: tuple, path: Path, inputs: list[str], output
                           output_names=outputs, dynamic_axes=dynamic, do_constant_folding=True)
 
 
+def trace_proto(module: nn.Module, args: tuple, name: str, inputs: list[str], outputs: list[str], opset: int,
+                axes: dict[str, dict[int, str]] | None = None, scalars: tuple[str, ...] = ()) -> onnx.ModelProto:
+    """``_trace`` into a temporary file and return the graph with its weights in memory."""
+    with tempfile.TemporaryDirectory(prefix="waveclip-export-") as tmp, torch.no_grad():
+        path = Path(tmp) / f"{name}.onnx"
+        _trace(module.eval(), args, path, inputs, outputs, opset, axes, scalars)
+        return onnx.load(str(path), load_external_data=True)
+
+
 def export_level(model: WaveCLIP, level: int, opset: int = DEFAULT_OPSET, batch: int = 2) -> onnx.ModelProto:
     """Trace level ``level`` and return its graph with weights in memory (external data resolved)."""
     inputs, outputs = level_io(model.config, level)
     args = tuple(_dummy(s["shape"], batch) for s in inputs)
-    with tempfile.TemporaryDirectory(prefix="waveclip-export-") as tmp, torch.no_grad():
-        path = Path(tmp) / f"level{level}.onnx"
-        _trace(LevelGraph(model, level).eval(), args, path, [s["name"] for s in inputs],
-               [s["name"] for s in outputs], opset)
-        proto = onnx.load(str(path), load_external_data=True)
+    proto = trace_proto(LevelGraph(model, level), args, f"level{level}", [s["name"] for s in inputs],
+                        [s["name"] for s in outputs], opset)
     _set_shapes(proto, outputs)
     return proto
 

@@ -11,7 +11,6 @@ The level graphs stay in the bundle (every backend reads them); the split graphs
 """
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from export.graphs import KINDS, PAST, PRESENT, _trace
+from export.graphs import KINDS, PAST, PRESENT, trace_proto
 from model.waveclip import WaveCLIP
 
 LEVEL, TOKENS = "level", "tokens"
@@ -66,7 +65,7 @@ def kv_names(layers: int) -> tuple[list[str], list[str]]:
 def export_embed(model: WaveCLIP, level: int, opset: int, batch: int = 2) -> onnx.ModelProto:
     cfg = model.config
     args = (torch.randn(batch, cfg.patches_per_level, cfg.patch_dim(level)),)
-    return _export(EmbedGraph(model, level), args, f"embed{level}", ["patches"], [TOKENS], opset, {})
+    return trace_proto(EmbedGraph(model, level), args, f"embed{level}", ["patches"], [TOKENS], opset)
 
 
 def export_body(model: WaveCLIP, opset: int, batch: int = 2) -> onnx.ModelProto:
@@ -75,16 +74,8 @@ def export_body(model: WaveCLIP, opset: int, batch: int = 2) -> onnx.ModelProto:
     past = tuple(torch.randn(batch, cfg.heads, cfg.tokens_per_level, cfg.head_dim) for _ in past_names)
     args = (torch.tensor(1, dtype=torch.int64), torch.randn(batch, cfg.tokens_per_level, cfg.width), *past)
     axes = {n: {0: "batch", 2: "past"} for n in past_names} | {n: {0: "batch", 2: "total"} for n in present_names}
-    return _export(BodyGraph(model).eval(), args, "body", [LEVEL, TOKENS, *past_names], ["embedding", *present_names],
-                   opset, axes)
-
-
-def _export(module: nn.Module, args: tuple, name: str, inputs: list[str], outputs: list[str], opset: int,
-            axes: dict) -> onnx.ModelProto:
-    with tempfile.TemporaryDirectory(prefix="waveclip-export-") as tmp, torch.no_grad():
-        path = Path(tmp) / f"{name}.onnx"
-        _trace(module.eval(), args, path, inputs, outputs, opset, axes, scalars=(LEVEL,))
-        return onnx.load(str(path), load_external_data=True)
+    return trace_proto(BodyGraph(model), args, "body", [LEVEL, TOKENS, *past_names], ["embedding", *present_names],
+                       opset, axes, scalars=(LEVEL,))
 
 
 def split_entry(num_levels: int) -> dict:

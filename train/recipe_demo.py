@@ -160,16 +160,24 @@ def distill_command(stage: Stage, data: Path, splits: Path, out: Path, threads: 
             *(["--patch-hidden", str(patch_hidden)] if patch_hidden else [])]
 
 
+def _finetune_command(data: Path, splits: Path, init: Path, out: Path, threads: int, steps: int, patch_hidden: int,
+                      schedule: list[str], losses: list[str]) -> list[str]:
+    """``train.distill``'s arguments for a new run from ``init`` (``--init``: a fresh optimizer), resumable, with the
+    label loss and ``losses`` added, evaluated on 1,000 calib images."""
+    return ["-m", "train.distill", "--teacher", "efficientnet-lite0", "--data", str(data), "--preset", "waveclip-demo",
+            "--out", str(out), "--init", str(init), "--steps", str(steps), *schedule, "--resume", "--threads",
+            str(threads), "--eval-data", str(splits), "--eval-split", "calib", "--eval-limit", "1000",
+            "--teacher-view", "student", "--label-weight", str(LABEL_WEIGHT), *losses,
+            *(["--patch-hidden", str(patch_hidden)] if patch_hidden else [])]
+
+
 def label_command(data: Path, splits: Path, full: Path, out: Path, threads: int, steps: int,
                   patch_hidden: int = 0) -> list[str]:
     """``train.distill``'s arguments for the label stage: a new run from the distilled ``full`` checkpoint (``--init``,
     a fresh optimizer at 10% of the first stage's peak learning rate) that adds the cross-entropy of the fit images'
     own labels (``--label-weight``) to the distillation loss, with the last stage's four cached views."""
-    return ["-m", "train.distill", "--teacher", "efficientnet-lite0", "--data", str(data), "--preset", "waveclip-demo",
-            "--out", str(out), "--init", str(full), "--steps", str(steps), "--lr", "2e-4", "--warmup", "100",
-            "--resume", "--save-every", "500", "--threads", str(threads), "--eval-data", str(splits), "--eval-split",
-            "calib", "--eval-limit", "1000", "--teacher-view", "student", "--aug-views", "4",
-            "--label-weight", str(LABEL_WEIGHT), *(["--patch-hidden", str(patch_hidden)] if patch_hidden else [])]
+    return _finetune_command(data, splits, full, out, threads, steps, patch_hidden,
+                             ["--lr", "2e-4", "--warmup", "100", "--save-every", "500"], ["--aug-views", "4"])
 
 
 def self_command(data: Path, splits: Path, labelled: Path, out: Path, threads: int, steps: int,
@@ -177,11 +185,9 @@ def self_command(data: Path, splits: Path, labelled: Path, out: Path, threads: i
     """``train.distill``'s arguments for the self-distillation stage: a new run from the label stage's checkpoint
     (``--init``, peak learning rate 1e-4) with the label loss kept and the KL of every earlier level's softmax to the
     last level's added (``--self-weight``), on the plain images (no augmented views: one teacher pass per image)."""
-    return ["-m", "train.distill", "--teacher", "efficientnet-lite0", "--data", str(data), "--preset", "waveclip-demo",
-            "--out", str(out), "--init", str(labelled), "--steps", str(steps), "--lr", "1e-4", "--warmup", "50",
-            "--resume", "--save-every", "250", "--threads", str(threads), "--eval-data", str(splits), "--eval-split",
-            "calib", "--eval-limit", "1000", "--teacher-view", "student", "--label-weight", str(LABEL_WEIGHT),
-            "--self-weight", str(SELF_WEIGHT), *(["--patch-hidden", str(patch_hidden)] if patch_hidden else [])]
+    return _finetune_command(data, splits, labelled, out, threads, steps, patch_hidden,
+                             ["--lr", "1e-4", "--warmup", "50", "--save-every", "250"],
+                             ["--self-weight", str(SELF_WEIGHT)])
 
 
 def head_command(full: Path, out: Path, splits: Path, threads: int) -> list[str]:
