@@ -153,15 +153,13 @@ def probe_memory(spec: dict) -> dict:
                           spec["threads"], s.vit_precision, s.vit_hint, s.vit_spinning)
         timer.run(timer.feed(1, images[:1]))
     else:
-        from runtime.backends import create_backend
         from runtime.cascade import Cascade
 
         bundle = load_bundle(s.bundle, verify=False)
-        opts = dict(s.options, threads=spec["threads"])
         # thresholds above 1: the image runs every level; "cascade": the levels one by one (the gated cascade's
-        # sessions), "onepass": the one-pass graph too (a session of its own, made on first use)
-        cascade = Cascade(bundle, create_backend(bundle, s.backend, **opts), thresholds=2.0,
-                          one_pass=spec["what"] == "onepass")
+        # sessions), "onepass": what the runtime holds with the gate off (the one-pass session, no level sessions)
+        cascade = Cascade(bundle, s.backend, thresholds=2.0, one_pass=spec["what"] == "onepass",
+                          **dict(s.options, threads=spec["threads"]))
         cascade.classify_levels(images_to_levels(images[:1], bundle.preprocessing))
     import gc
 
@@ -400,7 +398,7 @@ def format_table(r: dict) -> str:
         mm = (f"{m['vit']['rss_mib']:.0f} → {m['cascade']['rss_mib']:.0f} ({m['ratio']:.2f}x)"
               if m["ratio"] else "-")
         if m["ratio"] and (m.get("one_pass") or {}).get("rss_mib"):
-            mm += f"; one pass {m['one_pass']['rss_mib']:.0f} ({m['one_pass']['rss_mib'] / m['vit']['rss_mib']:.2f}x)"
+            mm += f"; gate off (one pass) {m['one_pass']['rss_mib']:.0f} ({m['one_pass']['rss_mib'] / m['vit']['rss_mib']:.2f}x)"
         one = row.get("one_pass")
         full_ms = f"{c[-1]['mean_ms']:.1f}" + (f" ({one['mean_ms']:.1f})" if one else "")
         full_x = f"{q['always_full_vs_vit']:.2f}x" + (f" ({q['one_pass_vs_vit']:.2f}x)" if one else "")
@@ -414,7 +412,7 @@ def format_table(r: dict) -> str:
               "one-pass graph (export/full.py), what the runtime runs when no image can exit early. top-1 agree: "
               "the lowest, over levels, share of the images whose head top-1 matches the first setup's (fp32) at "
               "that level. RSS: VmRSS of a fresh process holding the loaded model, after its first image (the "
-              "cascade's sessions; one pass: with the one-pass graph's session, made on first use, beside them)."]
+              "cascade's sessions; gate off: the runtime with no early exit possible, the one-pass session alone)."]
     return "\n".join(lines)
 
 

@@ -9,7 +9,7 @@ from typing import Sequence
 
 import numpy as np
 
-from runtime.backends import Backend, create_backend
+from runtime.backends import ONE_PASS, Backend, create_backend
 from runtime.bundle import Bundle, load_bundle
 from runtime.preprocess import preprocess
 from runtime.threads import host_single_threaded
@@ -72,7 +72,9 @@ class Cascade:
     ``thresholds``: None (the manifest's), one float, or one per level before the last. ``max_level`` caps the depth
     (that level always exits). ``labels``: restrict the head to a subset of class names or label ids. ``one_pass``:
     when every level is wanted (no gate, ``run_all_levels``), run the bundle's one-pass graph where the bundle and the
-    backend have it (False: always the levels one by one).
+    backend have it (False: always the levels one by one). When no image can exit early (every threshold above 1)
+    and the cascade makes its backend, the level sessions are left unmade until a run needs them, so that the
+    process holds the weights once.
     """
 
     def __init__(self, bundle: Bundle | str | os.PathLike, backend: str | Backend = "onnxruntime",
@@ -80,13 +82,18 @@ class Cascade:
                  labels: Sequence[str] | None = None, top_k: int = 5, one_pass: bool = True,
                  **backend_options) -> None:
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
-        self.backend = create_backend(self.bundle, backend, **backend_options) if isinstance(backend, str) else backend
         self.thresholds = normalize_thresholds(thresholds, self.bundle)
         last = self.bundle.num_levels - 1
         self.max_level = last if max_level is None else max_level
         if not 0 <= self.max_level <= last:
             raise ValueError(f"max level {max_level} out of range 0..{last}")
         self.top_k = top_k
+        full_only = one_pass and self.bundle.has_full and self.max_level == last and self._no_early_exit()
+        if isinstance(backend, str):
+            if full_only and backend in ONE_PASS:  # the level sessions are made only if a run ever needs them
+                backend_options.setdefault("load_levels", False)
+            backend = create_backend(self.bundle, backend, **backend_options)
+        self.backend = backend
         self.one_pass = (one_pass and self.bundle.has_full and hasattr(self.backend, "run_full")
                          and self.max_level == last)
         if self.one_pass and self._no_early_exit():

@@ -66,6 +66,24 @@ def test_no_early_exit_runs_one_pass(tiny_bundle, sample_images, monkeypatch):
     gated.classify(sample_images[:2])
 
 
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_gate_off_holds_the_weights_once(tiny_bundle, sample_images, backend):
+    """With no early exit possible the cascade makes only the one-pass session (one copy of the weights in memory);
+    the level sessions are made if a run ever needs them (here: exits forced), with the same answers."""
+    pytest.importorskip(backend)
+    cascade = Cascade(tiny_bundle, backend=backend, thresholds=1.5)
+    levels_made = (lambda: bool(cascade.backend.sessions)) if backend == "onnxruntime" else (
+        lambda: bool(cascade.backend.compiled))
+    patches = cascade.preprocess(sample_images[:3])
+    full = cascade.classify_levels(patches)
+    assert cascade.backend._full is not None and not levels_made()
+    forced = cascade.classify_levels(patches, exit_levels=[3] * 3)
+    assert levels_made() and [r.label for r in forced] == [r.label for r in full]
+    assert np.allclose([r.score for r in forced], [r.score for r in full], atol=1e-5)
+    gated = Cascade(tiny_bundle, backend=backend).backend  # gate on: the levels only, made at once
+    assert gated._full is None and (gated.sessions if backend == "onnxruntime" else gated.compiled)
+
+
 def test_not_used_below_the_last_level(tiny_bundle, sample_images):
     capped = Cascade(tiny_bundle, max_level=2)
     assert not capped.one_pass and len(capped.run_all_levels(capped.preprocess(sample_images[:2]))) == 3

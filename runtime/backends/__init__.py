@@ -16,6 +16,7 @@ import numpy as np
 from runtime.bundle import Bundle
 
 BACKENDS = ("onnxruntime", "openvino", "tensorrt")
+ONE_PASS = ("onnxruntime", "openvino")  # backends with run_full / load_full and the load_levels option
 EXTRA = {"onnxruntime": "runtime", "openvino": "openvino", "tensorrt": "tensorrt"}
 
 

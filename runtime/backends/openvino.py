@@ -28,7 +28,7 @@ class OpenVINOBackend:
 
     def __init__(self, bundle: Bundle, device: str = "CPU", threads: int | None = None,
                  hint: str = "LATENCY", inference_precision: str | None = None, weights: str = "auto",
-                 properties: dict | None = None) -> None:
+                 properties: dict | None = None, load_levels: bool = True) -> None:
         if weights not in WEIGHTS:
             raise BackendError(f"openvino weights mode {weights!r}: choose from {', '.join(WEIGHTS)}")
         if weights == "auto":
@@ -45,22 +45,34 @@ class OpenVINOBackend:
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
         config.update(properties or {})
-        try:
-            if weights == "split":
-                body = core.compile_model(str(bundle.body_path()), device, config)
-                self.compiled = [body]
-                pair = [body.create_infer_request() for _ in range(2)]
-                self.requests = [pair[k % 2] for k in range(bundle.num_levels)]
-                self.embeds = [core.compile_model(str(bundle.embed_path(k)), device, config).create_infer_request()
-                               for k in range(bundle.num_levels)]
-            else:
-                self.compiled = [core.compile_model(str(bundle.level_path(k)), device, config)
-                                 for k in range(bundle.num_levels)]
-                self.requests = [c.create_infer_request() for c in self.compiled]
-        except Exception as e:  # openvino raises RuntimeError subclasses with long messages
-            raise BackendError(f"openvino cannot compile the bundle graphs on {device}: {one_line(e)}") from None
         self._empty_past: dict[int, list] = {}
         self._core, self._device, self._config, self._full = core, device, config, None
+        self.compiled: list = []
+        self.requests: list = []
+        self.embeds: list = []
+        if load_levels:
+            self.load_levels()
+
+    def load_levels(self) -> None:
+        """Compile the level graphs unless compiled (``load_levels=False`` defers them to the first ``run_level``)."""
+        if self.compiled:
+            return
+        core, bundle, device, config = self._core, self.bundle, self._device, self._config
+        try:
+            if self.weights == "split":
+                body = core.compile_model(str(bundle.body_path()), device, config)
+                pair = [body.create_infer_request() for _ in range(2)]
+                requests = [pair[k % 2] for k in range(bundle.num_levels)]
+                embeds = [core.compile_model(str(bundle.embed_path(k)), device, config).create_infer_request()
+                          for k in range(bundle.num_levels)]
+                compiled = [body]
+            else:
+                compiled = [core.compile_model(str(bundle.level_path(k)), device, config)
+                            for k in range(bundle.num_levels)]
+                requests, embeds = [c.create_infer_request() for c in compiled], []
+        except Exception as e:  # openvino raises RuntimeError subclasses with long messages
+            raise BackendError(f"openvino cannot compile the bundle graphs on {device}: {one_line(e)}") from None
+        self.compiled, self.requests, self.embeds = compiled, requests, embeds
 
     def load_full(self) -> None:
         """Compile the one-pass graph (export/full.py) unless compiled: on first use, as ONNX Runtime's backend."""
@@ -81,6 +93,7 @@ class OpenVINOBackend:
         return [self._full.get_tensor(n).data.copy() for n in self.bundle.manifest["full"]["outputs"]]
 
     def run_level(self, level: int, patches: np.ndarray, past: list | None):
+        self.load_levels()
         req = self.requests[level]
         past = past or []
         if level:

@@ -40,13 +40,14 @@ class OnnxRuntimeBackend:
 
     With ``io_binding`` (default) the present KV outputs stay OrtValues on the provider's device and are bound as the
     next level's past inputs without a copy; without it every level round-trips the cache through numpy.
+    ``load_levels=False`` makes the level sessions on first use (``load_levels()``), as the one-pass graph's.
     """
 
     name = "onnxruntime"
 
     def __init__(self, bundle: Bundle, providers: list[str] | None = None, threads: int | None = None,
                  io_binding: bool = True, graph_optimization: bool = True, spinning: bool = True,
-                 weights: str = "auto") -> None:
+                 weights: str = "auto", load_levels: bool = True) -> None:
         if weights not in WEIGHTS:
             raise BackendError(f"onnxruntime weights mode {weights!r}: choose from {', '.join(WEIGHTS)}")
         if weights == "auto":
@@ -69,26 +70,37 @@ class OnnxRuntimeBackend:
             set_spinning(opts, spinning)
             return opts
 
+        if weights == "split" and not bundle.has_split:
+            raise BackendError(f"{bundle.path}: onnxruntime weights='split' needs the bundle's split graphs "
+                               "(export it again without --no-split), or use weights='levels'")
+        self.device = "cpu"  # the level sessions' device, once they exist
+        self._options, self._full = options, None
+        self.sessions: list[ort.InferenceSession] = []
+        self.embeds: list[ort.InferenceSession] = []
+        if load_levels:
+            self.load_levels()
+
+    def load_levels(self) -> None:
+        """Make the level sessions unless made (``load_levels=False`` defers them to the first ``run_level``: a
+        process that only runs the one-pass graph then holds the weights once)."""
+        if self.sessions:
+            return
+        bundle, options = self.bundle, self._options
         try:
-            self.embeds: list[ort.InferenceSession] = []
-            if weights == "split":
-                if not bundle.has_split:
-                    raise BackendError(f"{bundle.path}: onnxruntime weights='split' needs the bundle's split graphs "
-                                       "(export it again without --no-split), or use weights='levels'")
-                self.sessions = [ort.InferenceSession(str(bundle.body_path()), options(),
-                                                      providers=self.providers)] * bundle.num_levels
-                self.embeds = [ort.InferenceSession(str(bundle.embed_path(k)), options(), providers=self.providers)
-                               for k in range(bundle.num_levels)]
+            if self.weights == "split":
+                embeds = [ort.InferenceSession(str(bundle.embed_path(k)), options(), providers=self.providers)
+                          for k in range(bundle.num_levels)]
+                sessions = [ort.InferenceSession(str(bundle.body_path()), options(),
+                                                 providers=self.providers)] * bundle.num_levels
             else:
-                self.sessions = [ort.InferenceSession(str(bundle.level_path(k)), options(), providers=self.providers)
-                                 for k in range(bundle.num_levels)]
-        except BackendError:
-            raise
+                embeds, sessions = [], [ort.InferenceSession(str(bundle.level_path(k)), options(),
+                                                             providers=self.providers)
+                                        for k in range(bundle.num_levels)]
         except Exception as e:  # onnxruntime raises its own exception types
             raise BackendError(f"onnxruntime cannot load the bundle graphs: {one_line(e)}") from None
-        self.device = _DEVICE.get(self.sessions[0].get_providers()[0], "cpu")
-        self.output_names = [[o.name for o in s.get_outputs()] for s in self.sessions]
-        self._options, self._full = options, None
+        self.device = _DEVICE.get(sessions[0].get_providers()[0], "cpu")
+        self.output_names = [[o.name for o in s.get_outputs()] for s in sessions]
+        self.sessions, self.embeds = sessions, embeds
 
     def load_full(self) -> None:
         """Make the one-pass graph's session (export/full.py) unless made: on first use, so that a cascade that never
@@ -124,6 +136,7 @@ class OnnxRuntimeBackend:
         return ["level", *names], [np.array(level, np.int64), *past]
 
     def run_level(self, level: int, patches: np.ndarray, past: list | None):
+        self.load_levels()
         sess = self.sessions[level]
         past = past or []
         if level:
