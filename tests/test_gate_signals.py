@@ -55,3 +55,19 @@ def test_main_prints_every_signal(tmp_path, capsys):
     out = capsys.readouterr().out
     for name in ("| margin |", "| max-prob |", "| 1-entropy |", "| margin x agreement |", "| learned |"):
         assert name in out
+
+
+def test_per_level_heads_are_fitted_to_each_level(tiny_bundle):
+    from runtime.bundle import load_bundle
+
+    b = load_bundle(tiny_bundle)
+    classes, dim, levels_ = b.head_weight.shape[0], b.head_weight.shape[1], b.num_levels
+    rng = np.random.default_rng(0)
+    target = np.arange(80) % classes
+    centres = rng.normal(size=(levels_, classes, dim)).astype(np.float32)  # each level its own class directions
+    emb = centres[:, target].transpose(1, 0, 2) + 0.1 * rng.normal(size=(80, levels_, dim)).astype(np.float32)
+    fit = {"emb": emb, "target": target}
+    probs = S.per_level_head_probs(str(tiny_bundle), fit, fit)
+    assert probs.shape == (80, levels_, classes) and np.allclose(probs.sum(-1), 1, atol=1e-5)
+    before = (b.logit_scale * (emb / np.linalg.norm(emb, axis=-1, keepdims=True)) @ b.head_weight.T).argmax(-1)
+    assert ((probs.argmax(-1) == target[:, None]).mean(0) > (before == target[:, None]).mean(0)).all()
