@@ -56,7 +56,7 @@ class FullGraph(nn.Module):
         self.model, self.num_levels, self.every_level = model, num_levels, every_level
 
     def forward(self, *patches: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        embeddings = self.model(list(patches))
+        embeddings = self.model(list(patches), blockwise=True)
         return tuple(embeddings) if self.every_level else embeddings[-1]
 
 

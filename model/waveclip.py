@@ -23,8 +23,11 @@ class Attention(nn.Module):
         self.out_proj = nn.Linear(width, width)
         nn.init.xavier_uniform_(self.in_proj_weight)
 
-    def forward(self, x: torch.Tensor, past: KV | None = None, mask: torch.Tensor | None = None
+    def forward(self, x: torch.Tensor, past: KV | None = None, mask: torch.Tensor | int | None = None
                 ) -> tuple[torch.Tensor, KV]:
+        """``mask``: a boolean [T, T] mask (True: may attend), or an int ``n``: block-causal over blocks of ``n``
+        tokens computed block by block (each block's queries against the keys up to its end: no masked scores, the
+        same result)."""
         b, t, w = x.shape
         hd = w // self.heads
         q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).split(w, dim=-1)
@@ -32,11 +35,20 @@ class Attention(nn.Module):
         if past is not None:
             k = torch.cat([past[0], k], dim=2)
             v = torch.cat([past[1], v], dim=2)
-        scores = torch.matmul(q, k.transpose(-2, -1)) * (1.0 / math.sqrt(hd))
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        out = torch.matmul(scores.softmax(dim=-1), v).transpose(1, 2).reshape(b, t, w)
-        return self.out_proj(out), (k, v)
+        scale = 1.0 / math.sqrt(hd)
+        if isinstance(mask, int):
+            blocks = []
+            for i, qb in enumerate(q.split(mask, dim=2)):
+                e = (i + 1) * mask  # this block's queries see keys [0, e); the last block sees them all
+                kb, vb = (k, v) if e >= k.shape[2] else (k[:, :, :e], v[:, :, :e])
+                blocks.append(torch.matmul((torch.matmul(qb, kb.transpose(-2, -1)) * scale).softmax(dim=-1), vb))
+            out = torch.cat(blocks, dim=2)
+        else:
+            scores = torch.matmul(q, k.transpose(-2, -1)) * scale
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            out = torch.matmul(scores.softmax(dim=-1), v)
+        return self.out_proj(out.transpose(1, 2).reshape(b, t, w)), (k, v)
 
 
 class MLP(nn.Module):
@@ -60,7 +72,7 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(width)
         self.mlp = MLP(width, int(width * mlp_ratio))
 
-    def forward(self, x: torch.Tensor, past: KV | None = None, mask: torch.Tensor | None = None
+    def forward(self, x: torch.Tensor, past: KV | None = None, mask: torch.Tensor | int | None = None
                 ) -> tuple[torch.Tensor, KV]:
         a, present = self.attn(self.ln_1(x), past, mask)
         x = x + a
@@ -149,13 +161,15 @@ class WaveCLIP(nn.Module):
         level = torch.arange(num_levels, device=device).repeat_interleave(self.config.tokens_per_level)
         return level[None, :] <= level[:, None]
 
-    def forward(self, patches: list[torch.Tensor], return_tokens: bool = False
+    def forward(self, patches: list[torch.Tensor], return_tokens: bool = False, blockwise: bool = False
                 ) -> list[torch.Tensor] | tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Full masked forward over levels 0..len(patches)-1 -> one embedding per level; with ``return_tokens`` also
-        each level's final patch-token states [batch, grid*grid, width] (for dense distillation)."""
+        each level's final patch-token states [batch, grid*grid, width] (for dense distillation). ``blockwise``:
+        attention level by level (each level's queries against the keys of levels <= it) instead of one masked
+        matrix: the same result without masked scores (the exported one-pass graph; see Attention)."""
         n = len(patches)
         x = self.ln_pre(torch.cat([self.embed_level(k, p) for k, p in enumerate(patches)], dim=1))
-        mask = self.block_causal_mask(n, x.device)
+        mask = self.config.tokens_per_level if blockwise else self.block_causal_mask(n, x.device)
         for block in self.blocks:
             x, _ = block(x, mask=mask)
         t = self.config.tokens_per_level

@@ -22,6 +22,8 @@ def test_bundle_holds_the_validated_one_pass_graph(tiny_bundle):
     assert [i.name for i in graph.input] == full["inputs"] and [o.name for o in graph.output] == full["outputs"]
     big = [t for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
     assert big and {e.value for t in big for e in t.external_data if e.key == "location"} == {"weights.bin"}
+    attention = [n.op_type for n in graph.node if "/attn/" in n.name]
+    assert "Where" not in attention and "Softmax" in attention  # level by level: no masked scores (model.Attention)
     check = json.loads((tiny_bundle / "validation.json").read_text())["full"]
     assert check["passed"] and len(check["max_abs_diff_per_level"]) == 4 and max(check["max_abs_diff_per_level"]) < 1e-4
 

@@ -20,8 +20,10 @@ def test_cached_levels_equal_full_masked_forward(preset):
     with torch.no_grad():
         full = model(patches)
         cascade = model.forward_cascade(patches)
-    for k, (a, b) in enumerate(zip(full, cascade)):
+        blockwise = model(patches, blockwise=True)  # attention level by level, no masked scores
+    for k, (a, b, c) in enumerate(zip(full, cascade, blockwise)):
         assert (a - b).abs().max().item() <= 1e-5, f"level {k}"
+        assert (c - b).abs().max().item() <= 1e-5, f"level {k}"
         assert torch.allclose(a.norm(dim=-1), torch.ones(2), atol=1e-5)
 
 
