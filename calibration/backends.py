@@ -195,31 +195,31 @@ def _data_bytes(path: Path) -> int:
     return total
 
 
-def openvino_params(method: str, ops: list[str] | None):
+def openvino_params(method: str, ops: list[str] | None, ignore_patterns: list[str] | None = None):
     """(advanced parameters, ignored scope) for nncf.quantize: minmax -> MINMAX ranges, percentile -> MEAN_QUANTILE,
-    entropy -> HISTOGRAM (histogram-optimal ranges, NNCF's nearest to entropy calibration)."""
+    entropy -> HISTOGRAM (histogram-optimal ranges, NNCF's nearest to entropy calibration); ``ignore_patterns``:
+    node-name regexes left float."""
     import nncf
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
     from nncf.quantization.range_estimator import RangeEstimatorParametersSet as R
 
     ranges = {"minmax": R.MINMAX, "percentile": R.MEAN_QUANTILE, "entropy": R.HISTOGRAM}[method]
-    ignored = None
-    if ops is not None:
-        wanted = {OV_TYPES.get(o, o) for o in ops}
-        ignored = nncf.IgnoredScope(types=sorted(OV_QUANTIZABLE - wanted), validate=False)
+    types = [] if ops is None else sorted(OV_QUANTIZABLE - {OV_TYPES.get(o, o) for o in ops})
+    ignored = (nncf.IgnoredScope(types=types, patterns=list(ignore_patterns or []), validate=False)
+               if types or ignore_patterns else None)
     return AdvancedQuantizationParameters(activations_range_estimator_params=ranges), ignored
 
 
 def quantize_openvino(src: Path, items: list[dict[str, np.ndarray]], dst_xml: Path, method: str,
-                      ops: list[str] | None, preset: str = "mixed", progress: bool = True
-                      ) -> tuple[dict[str, int], dict[str, int]]:
+                      ops: list[str] | None, preset: str = "mixed", progress: bool = True,
+                      ignore_patterns: list[str] | None = None) -> tuple[dict[str, int], dict[str, int]]:
     """nncf.quantize the ONNX level graph read by OpenVINO, save IR (fp32 where not int8); returns the op summary."""
     import nncf
     import openvino as ov
 
     nncf.set_log_level(logging.ERROR)
     model = ov.Core().read_model(str(src))
-    advanced, ignored = openvino_params(method, ops)
+    advanced, ignored = openvino_params(method, ops, ignore_patterns)
     presets = {"mixed": nncf.QuantizationPreset.MIXED, "performance": nncf.QuantizationPreset.PERFORMANCE}
     with contextlib.nullcontext() if progress else contextlib.redirect_stdout(io.StringIO()):  # NNCF's rich bars
         q = nncf.quantize(model, nncf.Dataset(items), model_type=nncf.ModelType.TRANSFORMER,

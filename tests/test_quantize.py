@@ -1,5 +1,6 @@
 """calibration.quantize: int8 bundles calibrated on real images with the real KV cache, checked against fp32."""
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -246,6 +247,14 @@ def test_openvino_bundle_classifies(tiny_bundle, tiny_csv, sample_images, tmp_pa
     assert bundle.has_split and bundle.manifest["split"]["body"]["file"] == "body.xml"
     report = json.loads((out / "quantization_report.json").read_text())
     assert len(report["split"]["levels"]) == 4  # the split form was checked against fp32 too
+    import openvino as ov
+
+    full = ov.Core().read_model(str(out / bundle.manifest["full"]["file"]))
+    fed = {op.get_friendly_name(): {i.get_source_output().get_node().get_type_name() for i in op.inputs()}
+           for op in full.get_ordered_ops() if op.get_type_name() == "MatMul"}
+    attention = [n for n in fed if re.match(r".*/attn/MatMul_\d+", n)]
+    assert attention and not any("FakeQuantize" in fed[n] for n in attention)  # level by level: left float
+    assert any("FakeQuantize" in t for t in fed.values())  # the weights' MatMuls are int8
     fp32 = Cascade(load_bundle(tiny_bundle)).classify(sample_images[:4])
     for weights in ("levels", "split"):
         results = Cascade(bundle, backend="openvino", weights=weights).classify(sample_images[:4])
