@@ -25,14 +25,17 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from calibration.gate import match_labels, split_indices  # noqa: E402
-from calibration.gate_search import (LevelStats, Target, candidate_thresholds, evaluate_grid, pick,  # noqa: E402
-                                     simulate)
+from calibration.gate_search import (GateError, LevelStats, Target, candidate_thresholds, evaluate_grid,  # noqa: E402
+                                     pick, simulate)
+from runtime.backends import BackendError  # noqa: E402
+from runtime.bundle import BundleError  # noqa: E402
 from runtime.cascade import Cascade  # noqa: E402
-from runtime.data import load_images, read_image_list  # noqa: E402
+from runtime.data import DataError, load_images, read_image_list  # noqa: E402
 from runtime.wavelet import images_to_levels  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -44,7 +47,7 @@ def measure(bundle: str, data: str, split: str | None, batch: int = 64) -> dict[
     cascade = Cascade(bundle)
     records, target, _ = match_labels(cascade, read_image_list(data, split))
     spec, probs, embs, kept = cascade.bundle.preprocessing, [], [], []
-    for i in range(0, len(records), batch):
+    for i in tqdm(range(0, len(records), batch), desc=f"levels of {split or data}", unit="batch", file=sys.stderr):
         chunk = records[i:i + batch]
         images, ok, _ = load_images(chunk, spec)
         if not ok:
@@ -169,7 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.levels and args.levels.is_file():
         m = dict(np.load(args.levels))
     else:
-        m = measure(args.bundle, args.data, args.split)
+        try:
+            m = measure(args.bundle, args.data, args.split)
+        except (BundleError, DataError, GateError, BackendError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         if args.levels:
             np.savez(args.levels, **m)
     probs, target, cum = m["probs"], m["target"], m["cum"]

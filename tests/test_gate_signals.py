@@ -71,3 +71,9 @@ def test_per_level_heads_are_fitted_to_each_level(tiny_bundle):
     assert probs.shape == (80, levels_, classes) and np.allclose(probs.sum(-1), 1, atol=1e-5)
     before = (b.logit_scale * (emb / np.linalg.norm(emb, axis=-1, keepdims=True)) @ b.head_weight.T).argmax(-1)
     assert ((probs.argmax(-1) == target[:, None]).mean(0) > (before == target[:, None]).mean(0)).all()
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
+    assert S.main([str(tmp_path / "missing-bundle"), "--data", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err
