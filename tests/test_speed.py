@@ -165,6 +165,20 @@ def test_bench_speed_prints_the_table(tiny_bundle, tmp_path):
         assert row["one_pass"]["runs"] == 2 and row["ratios"]["one_pass_vs_vit"] > 0  # the bundle's one-pass graph
     assert all(row["throughput"]["batch"] == 2 for row in r["rows"])
     assert "always-full / ViT (one pass)" in out.stdout
+    assert r["images_per_timed_call"] == 10 and "10 images a timed call" in out.stdout
+
+
+def test_every_batch1_item_is_timed_alike():
+    """Each timed call runs the same number of images for every item (a single run would pay a cold start that a
+    sequence spreads out); measure reports per-image ms."""
+    from bench_module import load_bench
+
+    speed = load_bench("speed")
+    calls = []
+    run = speed.in_sequence(lambda: calls.append(1))
+    assert run() == speed.PER_CALL and len(calls) == speed.PER_CALL
+    times = speed.measure({"a": run}, rounds=2, warmup=0, progress=lambda it: it)
+    assert len(times["a"]) == 2 and len(calls) == 3 * speed.PER_CALL
 
 
 def test_openvino_bf16_is_an_explicit_precision_close_to_fp32(tiny_bundle):
