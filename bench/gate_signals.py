@@ -169,16 +169,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-learned", action="store_true", help="skip the learned signal")
     p.add_argument("--refit-split", help="also per-level heads refit on this split of --data (e.g. fit)")
     args = p.parse_args(argv)
-    if args.levels and args.levels.is_file():
-        m = dict(np.load(args.levels))
-    else:
-        try:
+    try:
+        if args.levels and args.levels.is_file():
+            m = dict(np.load(args.levels))
+        else:
             m = measure(args.bundle, args.data, args.split)
-        except (BundleError, DataError, GateError, BackendError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        if args.levels:
-            np.savez(args.levels, **m)
+            if args.levels:
+                np.savez(args.levels, **m)
+        refit = measure(args.bundle, args.data, args.refit_split) if args.refit_split else None
+    except (BundleError, DataError, GateError, BackendError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     probs, target, cum = m["probs"], m["target"], m["cum"]
     pred = probs.argmax(-1)
     signals: dict[str, Callable[[np.ndarray], np.ndarray]] = {
@@ -186,8 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_learned:
         signals["learned"] = learned_signal(probs, m["emb"], target)
     rows = {name: pred for name in signals}
-    if args.refit_split:
-        per_level = per_level_head_probs(args.bundle, measure(args.bundle, args.data, args.refit_split), m)
+    if refit is not None:
+        per_level = per_level_head_probs(args.bundle, refit, m)
         signals["margin, per-level heads"] = lambda idx, v=_margin(per_level): v
         rows["margin, per-level heads"] = per_level.argmax(-1)
     print(f"{len(target)} images ({args.data} {args.split or ''}); goal: drop <= {args.max_drop:g}; "
