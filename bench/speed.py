@@ -182,12 +182,12 @@ def memory(s: Setup, what: str, images_file: str, threads: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def in_sequence(fn: Callable[[], Any], n: int | None = None) -> Callable[[], int]:
-    """``fn`` run ``n`` (PER_CALL) times in a row per call; returns the count (measure reports per-image ms)."""
+def in_sequence(fn: Callable[[], Any], n: int = PER_CALL) -> Callable[[], int]:
+    """``fn`` run ``n`` times in a row per call; returns the count (measure reports per-image ms)."""
     def run() -> int:
-        for _ in range(n or PER_CALL):
+        for _ in range(n):
             fn()
-        return n or PER_CALL
+        return n
     return run
 
 

@@ -88,15 +88,15 @@ class Cascade:
         if not 0 <= self.max_level <= last:
             raise ValueError(f"max level {max_level} out of range 0..{last}")
         self.top_k = top_k
-        full_only = one_pass and self.bundle.has_full and self.max_level == last and self._no_early_exit()
+        one_pass = one_pass and self.bundle.has_full and self.max_level == last
+        full_only = one_pass and self._no_early_exit()
         if isinstance(backend, str):
             if full_only and backend in ONE_PASS:  # the level sessions are made only if a run ever needs them
                 backend_options.setdefault("load_levels", False)
             backend = create_backend(self.bundle, backend, **backend_options)
         self.backend = backend
-        self.one_pass = (one_pass and self.bundle.has_full and hasattr(self.backend, "run_full")
-                         and self.max_level == last)
-        if self.one_pass and self._no_early_exit():
+        self.one_pass = one_pass and hasattr(self.backend, "run_full")
+        if self.one_pass and full_only:
             self.backend.load_full()  # every image will run it: load it now, not inside the first image's time
         self.class_index = self._select_classes(labels)
         self.weight = self.bundle.head_weight[self.class_index]
@@ -200,10 +200,10 @@ class Cascade:
     def run_all_levels(self, levels: list[np.ndarray]) -> list[np.ndarray]:
         """Embeddings of every level for every row (no gate): what calibration and evaluation measure once (in one
         pass where ``one_pass``)."""
-        past, out = None, []
         with host_single_threaded():
             if self.one_pass:
                 return list(self.backend.run_full(levels))
+            past, out = None, []
             for k in range(self.max_level + 1):
                 emb, past = self.backend.run_level(k, levels[k], past)
                 out.append(emb)
