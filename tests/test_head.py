@@ -36,6 +36,18 @@ def test_fit_head_learns_held_apart_clusters_and_is_deterministic():
     assert new.logit_scale == 10.0 and new.class_names == ["k0", "k1", "k2"]
 
 
+def test_refit_teacher_head_fits_the_labelled_images_only():
+    (fit, y), (held, y_held) = clusters(8000, seed=0), clusters(60, seed=1)  # the defaults' 20 epochs: 240 steps
+    rows = [int(r) for r in y]
+    noisy = [None if i % 2 else r for i, r in enumerate(rows)]  # half unlabelled: they must be left out
+    refit = head_fit.refit_teacher_head(random_head(), fit[0], noisy, "test data")
+    assert min(head_fit.accuracy(refit, held, y_held)) > max(head_fit.accuracy(random_head(), held, y_held)) + 0.2
+    same = head_fit.fit_head(random_head(), [fit[0][::2]], y[::2])
+    assert torch.allclose(refit.weight, same.weight) and torch.allclose(refit.bias, same.bias)
+    with pytest.raises(head_fit.DistillError, match="no image of test data has a label"):
+        head_fit.refit_teacher_head(random_head(), fit[0], [None] * len(rows), "test data")
+
+
 def test_pull_keeps_the_rows_near_the_start():
     fit, y = clusters(60, seed=0)
     start = random_head()

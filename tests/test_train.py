@@ -163,6 +163,18 @@ def test_label_weight_uses_the_labels_and_resumes_exactly(data, tmp_path):
         assert exc.value.code == 2
 
 
+def test_kl_head_refit_fits_the_teachers_rows_on_its_cached_embeddings(data, tmp_path, capsys):
+    labels_kl, refit_kl = tmp_path / "labels.pt", tmp_path / "refit.pt"
+    assert distill.main(argv(data, labels_kl, "--steps", "2", "--kl-head", "labels")) == 0
+    capsys.readouterr()
+    assert distill.main(argv(data, refit_kl, "--steps", "2", "--kl-head", "refit")) == 0
+    assert "teacher head refit on 24 labelled images" in capsys.readouterr().out
+    (_, a), (_, b) = (load_checkpoint(x) for x in (labels_kl, refit_kl))
+    assert a["provenance"]["kl_head"] == "labels" and b["provenance"]["kl_head"] == "refit"
+    assert not all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert torch.equal(a["head"]["weight"], b["head"]["weight"])  # the student's head stays the teacher's rows
+
+
 def test_resume_adds_steps(data, tmp_path):
     out = tmp_path / "r.pt"
     assert distill.main(argv(data, out, "--steps", "2")) == 0

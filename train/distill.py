@@ -40,6 +40,7 @@ from model.waveclip import WaveCLIP
 from runtime.data import read_image_list, records_digest
 from runtime.wavelet import images_to_levels
 from train.evaluate import evaluate, head_rows
+from train.head import refit_teacher_head
 from train.setup import (DistillError, batch_at, choose_labels, init_from_checkpoint, init_student, level_weights,
                          load_set, param_groups, run_command, set_patch_stats, use_bf16)
 from train.augment import Augment
@@ -72,10 +73,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, help="warmup steps (default 5%% of the steps)")
     p.add_argument("--clip-grad", type=float, default=1.0, help="max gradient norm (0: off)")
     p.add_argument("--kl-weight", type=float, default=1.0, help="weight of the KL term on the head's logits")
-    p.add_argument("--kl-head", choices=["auto", "imagenet1k", "labels"], default="auto",
+    p.add_argument("--kl-head", choices=["auto", "imagenet1k", "labels", "refit"], default="auto",
                    help="classes of the KL term: all 1000 ImageNet classes or the head's labels (auto: imagenet1k "
                         "for classifier teachers, whose head is free; labels for open_clip, whose zero-shot head "
-                        "costs a text pass per class)")
+                        "costs a text pass per class); refit: the head's labels with the teacher's rows first refit "
+                        "on its own cached embeddings of the labelled images of --data (train.head's fit), so the KL "
+                        "carries what the labels teach the teacher to every image, labelled or not")
     p.add_argument("--temperature", type=float, default=2.0, help="softmax temperature of the KL term")
     p.add_argument("--dense-weight", type=float, default=1.0,
                    help="weight of the dense token-level loss to the teacher's feature map (0: off)")
@@ -236,6 +239,9 @@ def run(args: argparse.Namespace, stop_after: int | None = None) -> dict:
     if args.kl_weight > 0 and args.kl_head == "imagenet1k":
         full = teacher.head([wnid for _, wnid, _ in imagenet_classes()])
         kl_head = Head(full.class_names, full.weight.to(device), full.bias.to(device), full.logit_scale)
+    elif args.kl_weight > 0 and args.kl_head == "refit":
+        refit = refit_teacher_head(head, temb[:, 0], head_rows(labels, [k.label for k in kept]), str(args.data))
+        kl_head = Head(refit.class_names, refit.weight.to(device), refit.bias.to(device), refit.logit_scale)
     dense_head, dense_mean, dense_std = None, None, None
     if targets.dense is not None and args.dense_weight > 0:
         torch.manual_seed(args.seed)

@@ -71,6 +71,19 @@ def fit_head(head: Head, embeddings: Sequence[torch.Tensor], target: torch.Tenso
     return Head(head.class_names, w.detach(), b.detach(), head.logit_scale)
 
 
+def refit_teacher_head(head: Head, embeddings: torch.Tensor, rows: Sequence[int | None], source: str) -> Head:
+    """The teacher's ``head`` refit (``fit_head``'s defaults) on its own ``embeddings`` [N, D] of the images whose
+    label is in the head (``rows``: each image's row or None), on the CPU; raises DistillError when none is."""
+    keep = [i for i, r in enumerate(rows) if r is not None]
+    if not keep:
+        raise DistillError(f"--kl-head refit: no image of {source} has a label among the head's classes")
+    t0 = time.perf_counter()
+    cpu = Head(head.class_names, head.weight.cpu(), head.bias.cpu(), head.logit_scale)
+    fitted = fit_head(cpu, [embeddings[keep].cpu()], torch.tensor([rows[i] for i in keep]))
+    print(f"teacher head refit on {len(keep)} labelled images ({time.perf_counter() - t0:.0f} s)", flush=True)
+    return fitted
+
+
 def label_rows(head: dict, labels: Sequence[str | None]) -> list[int | None]:
     """Row of each label in a checkpoint head: its label id or class name, else the same ImageNet class under its
     other name (wnid or ImageNet class name); None where the head has no such class."""
