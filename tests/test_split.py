@@ -112,3 +112,37 @@ def test_split_mode_per_level_matches_level_graphs(tiny_bundle, backend):
         np.testing.assert_allclose(emb_a, emb_b, atol=1e-5)
         for a, b in zip(levels.to_numpy(past_a), split.to_numpy(past_b)):
             np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("weights", ["levels", "split"])
+def test_openvino_holds_the_cache_in_its_inference_precision(tiny_bundle, weights, monkeypatch):
+    """At an explicit bf16 precision the KV cache stays bf16 between levels (no conversion to f32 and back) where the
+    device computes in bf16, with the same results as an f32 cache, rows gathered too; at f32 it stays f32."""
+    ov = pytest.importorskip("openvino")
+    import runtime.backends.openvino as backend_module
+    from runtime.preprocess import preprocess
+
+    bundle = load_bundle(tiny_bundle)
+    has_bf16 = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    half = backend_module.OpenVINOBackend(bundle, weights=weights, inference_precision="bf16")
+    assert half.kv_type == (ov.Type.bf16 if has_bf16 else ov.Type.f32)
+    assert backend_module.OpenVINOBackend(bundle, weights=weights).kv_type == ov.Type.f32  # fp32 bundle: pinned f32
+    monkeypatch.setattr(backend_module, "kv_element_type", lambda *args: ov.Type.f32)
+    wide = backend_module.OpenVINOBackend(bundle, weights=weights, inference_precision="bf16")
+    patches = preprocess(IMAGES[:5], bundle.preprocessing)
+    past_h = past_w = None
+    for k, rows in enumerate([5, 4, 2, 1]):
+        if k:
+            past_h = half.take_rows(past_h, np.arange(rows))
+            past_w = wide.take_rows(past_w, np.arange(rows))
+        emb_h, past_h = half.run_level(k, patches[k][:rows], past_h)
+        emb_w, past_w = wide.run_level(k, patches[k][:rows], past_w)
+        assert {t.get_element_type() for t in past_h} == {half.kv_type}
+        np.testing.assert_array_equal(emb_h, emb_w)
+        for a, b in zip(half.to_numpy(past_h), wide.to_numpy(past_w)):
+            assert a.dtype == np.float32 and a.shape == b.shape
+            np.testing.assert_array_equal(a, b)
+    first = half.run_level(0, patches[0][:2], None)[1]
+    as_floats = half.to_numpy(first)  # a cache handed back as float arrays: converted to the cache's type, exactly
+    np.testing.assert_array_equal(half.run_level(1, patches[1][:2], as_floats)[0],
+                                  half.run_level(1, patches[1][:2], first)[0])

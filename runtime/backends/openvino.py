@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import openvino as ov
+from openvino.preprocess import PrePostProcessor
 
 from runtime.backends import BackendError, check_kv_shapes
 from runtime.bundle import Bundle
@@ -10,6 +11,29 @@ from runtime.errors import one_line
 
 
 WEIGHTS = ("auto", "levels", "split")
+HALF_TYPES = {"bf16": ov.Type.bf16, "f16": ov.Type.f16}
+
+
+def kv_element_type(core: ov.Core, device: str, config: dict) -> ov.Type:
+    """The element type of the KV cache between levels: bf16 or f16 where the models run at that precision by request
+    (``INFERENCE_PRECISION_HINT``) and the device has it: their keys and values are computed in it, so an f32 cache
+    only converts each level's present to f32 and its next past back, losslessly and slowly (43% of a level-3 pass in
+    bf16 on AMX). Else f32 (a device without it computes in f32; int8 IR computes parts of them in f32)."""
+    name = str(config.get("INFERENCE_PRECISION_HINT")).lower()
+    if name not in HALF_TYPES:
+        return ov.Type.f32
+    try:
+        capabilities = core.get_property(device, "OPTIMIZATION_CAPABILITIES")
+    except Exception:  # a device that does not say
+        return ov.Type.f32
+    return HALF_TYPES[name] if name.upper() in capabilities else ov.Type.f32
+
+
+def as_float32(t: ov.Tensor) -> np.ndarray:
+    """A tensor's values as float32 (bf16 arrives from OpenVINO as 16-bit words labelled float16: widen the bits)."""
+    if t.get_element_type() == ov.Type.bf16:
+        return (np.asarray(t.data).view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return np.asarray(t.data, dtype=np.float32)
 
 
 class OpenVINOBackend:
@@ -18,7 +42,7 @@ class OpenVINOBackend:
     split graphs: a small compiled embedding model per level and ONE compiled body (dynamic past length) for every
     level, so that the transformer weights are in memory once; two infer requests of the body alternate by level,
     so a level never reads the tensors its own request is writing. The present tensors of level k are set as level
-    k+1's inputs.
+    k+1's inputs, held in the models' inference precision (``kv_element_type``: bf16 where OpenVINO computes in bf16).
 
     ``properties``: further OpenVINO properties for every compiled model, applied last (e.g.
     ``{"CPU_RUNTIME_CACHE_CAPACITY": 0}`` keeps no per-shape kernel cache: less memory for the split body, whose past
@@ -47,6 +71,7 @@ class OpenVINOBackend:
         config.update(properties or {})
         self._empty_past: dict[int, list] = {}
         self._core, self._device, self._config, self._full = core, device, config, None
+        self.kv_type = kv_element_type(core, device, config)
         self.compiled: list = []
         self.requests: list = []
         self.embeds: list = []
@@ -60,19 +85,33 @@ class OpenVINOBackend:
         core, bundle, device, config = self._core, self.bundle, self._device, self._config
         try:
             if self.weights == "split":
-                body = core.compile_model(str(bundle.body_path()), device, config)
+                body = self._compile(bundle.body_path())
                 pair = [body.create_infer_request() for _ in range(2)]
                 requests = [pair[k % 2] for k in range(bundle.num_levels)]
                 embeds = [core.compile_model(str(bundle.embed_path(k)), device, config).create_infer_request()
                           for k in range(bundle.num_levels)]
                 compiled = [body]
             else:
-                compiled = [core.compile_model(str(bundle.level_path(k)), device, config)
-                            for k in range(bundle.num_levels)]
+                compiled = [self._compile(bundle.level_path(k)) for k in range(bundle.num_levels)]
                 requests, embeds = [c.create_infer_request() for c in compiled], []
         except Exception as e:  # openvino raises RuntimeError subclasses with long messages
             raise BackendError(f"openvino cannot compile the bundle graphs on {device}: {one_line(e)}") from None
         self.compiled, self.requests, self.embeds = compiled, requests, embeds
+
+    def _compile(self, path) -> ov.CompiledModel:
+        """Compile a graph with KV cache ports, their tensors of ``kv_type``."""
+        if self.kv_type == ov.Type.f32:
+            return self._core.compile_model(str(path), self._device, self._config)
+        model = self._core.read_model(str(path))
+        kv = {name for k in range(self.bundle.num_levels) for names in self.bundle.kv_names(k) for name in names}
+        ppp = PrePostProcessor(model)
+        for port in model.inputs:
+            if port.get_any_name() in kv:
+                ppp.input(port.get_any_name()).tensor().set_element_type(self.kv_type)
+        for port in model.outputs:
+            if port.get_any_name() in kv:
+                ppp.output(port.get_any_name()).tensor().set_element_type(self.kv_type)
+        return self._core.compile_model(ppp.build(), self._device, self._config)
 
     def load_full(self) -> None:
         """Compile the one-pass graph (export/full.py) unless compiled: on first use, as ONNX Runtime's backend."""
@@ -111,7 +150,7 @@ class OpenVINOBackend:
         else:
             req.set_tensor("patches", patches)
         for name, value in zip(names, past):
-            req.set_tensor(name, value if isinstance(value, ov.Tensor) else ov.Tensor(np.ascontiguousarray(value)))
+            req.set_tensor(name, value if isinstance(value, ov.Tensor) else self._kv_tensor(np.asarray(value)))
         req.infer()
         emb = req.get_tensor("embedding").data.copy()
         # Own copies of the outputs' memory are not needed: the next level reads them before this request runs again.
@@ -122,11 +161,29 @@ class OpenVINOBackend:
         if batch not in self._empty_past:
             kv = self.bundle.manifest["kv_cache"]
             shape = (batch, kv["num_heads"], 0, kv["head_dim"])
-            self._empty_past[batch] = [ov.Tensor(np.zeros(shape, np.float32)) for _ in self.bundle.kv_names(1)[0]]
+            self._empty_past[batch] = [ov.Tensor(self.kv_type, shape) for _ in self.bundle.kv_names(1)[0]]
         return self._empty_past[batch]
 
+    def _kv_tensor(self, values: np.ndarray) -> ov.Tensor:
+        """A cache given as float values (not this backend's own tensors) in ``kv_type``."""
+        values = np.ascontiguousarray(values, dtype=np.float32)
+        if self.kv_type == ov.Type.f32:
+            return ov.Tensor(values)
+        t = ov.Tensor(self.kv_type, list(values.shape))
+        if self.kv_type == ov.Type.bf16:  # round to nearest even, as the conversion inside OpenVINO
+            bits = values.view(np.uint32)
+            t.data.view(np.uint16)[...] = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+        else:
+            t.data[...] = values
+        return t
+
     def take_rows(self, present: list, rows: np.ndarray) -> list:
-        return [ov.Tensor(np.ascontiguousarray(t.data[rows])) for t in present]
+        out = []
+        for t in present:
+            kept = ov.Tensor(t.get_element_type(), [len(rows), *list(t.shape)[1:]])
+            np.asarray(kept.data).view(np.uint8)[...] = np.asarray(t.data).view(np.uint8)[rows]  # the bits as they are
+            out.append(kept)
+        return out
 
     def to_numpy(self, present: list) -> list[np.ndarray]:
-        return [np.array(t.data) if isinstance(t, ov.Tensor) else np.asarray(t) for t in present]
+        return [as_float32(t) if isinstance(t, ov.Tensor) else np.asarray(t) for t in present]
