@@ -146,3 +146,7 @@ def test_openvino_holds_the_cache_in_its_inference_precision(tiny_bundle, weight
     as_floats = half.to_numpy(first)  # a cache handed back as float arrays: converted to the cache's type, exactly
     np.testing.assert_array_equal(half.run_level(1, patches[1][:2], as_floats)[0],
                                   half.run_level(1, patches[1][:2], first)[0])
+    if half.kv_type == ov.Type.bf16:  # float values round to the nearest bf16, ties to even
+        values = np.array([1 + 2 ** -8, 1 + 3 * 2 ** -8, 1 + 2 ** -8 + 2 ** -12, -2.5], np.float32)
+        rounded = backend_module.as_float32(half._kv_tensor(values))
+        np.testing.assert_array_equal(rounded, np.array([1.0, 1 + 2 ** -6, 1 + 2 ** -7, -2.5], np.float32))
