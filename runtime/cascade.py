@@ -72,7 +72,10 @@ class Cascade:
     ``thresholds``: None (the manifest's), one float, or one per level before the last. ``max_level`` caps the depth
     (that level always exits). ``labels``: restrict the head to a subset of class names or label ids. ``one_pass``:
     when every level is wanted (no gate, ``run_all_levels``), run the bundle's one-pass graph where the bundle and the
-    backend have it (False: always the levels one by one). When no image can exit early (every threshold above 1)
+    backend have it (False: always the levels one by one); ``run_all_levels`` takes it only where it gives the level
+    graphs' embeddings (a float bundle: validated at export; an int8 bundle's one-pass graph is quantized on its own,
+    with its own agreement in the quantization report, so calibration and evaluation of an int8 cascade run the
+    levels it exits from). When no image can exit early (every threshold above 1)
     and the cascade makes its backend, the level sessions are left unmade until a run needs them, so that the
     process holds the weights once.
     """
@@ -96,6 +99,7 @@ class Cascade:
             backend = create_backend(self.bundle, backend, **backend_options)
         self.backend = backend
         self.one_pass = one_pass and hasattr(self.backend, "run_full")
+        self.one_pass_is_levels = self.one_pass and self.bundle.manifest["precision"] != "int8"
         if self.one_pass and full_only:
             self.backend.load_full()  # every image will run it: load it now, not inside the first image's time
         self.class_index = self._select_classes(labels)
@@ -198,10 +202,10 @@ class Cascade:
         return results  # type: ignore[return-value]
 
     def run_all_levels(self, levels: list[np.ndarray]) -> list[np.ndarray]:
-        """Embeddings of every level for every row (no gate): what calibration and evaluation measure once (in one
-        pass where ``one_pass``)."""
+        """Embeddings of every level for every row (no gate), as the level graphs give them: what calibration and
+        evaluation measure once (in one pass where ``one_pass_is_levels``)."""
         with host_single_threaded():
-            if self.one_pass:
+            if self.one_pass_is_levels:
                 return list(self.backend.run_full(levels))
             past, out = None, []
             for k in range(self.max_level + 1):

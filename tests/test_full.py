@@ -113,7 +113,7 @@ def test_manifest_check_refuses_bad_full_entry(tiny_bundle, tmp_path):
         load_bundle(bad)
 
 
-def test_int8_bundle_quantizes_and_checks_the_one_pass_graph(tiny_bundle, data_dir, tmp_path):
+def test_int8_bundle_quantizes_and_checks_the_one_pass_graph(tiny_bundle, data_dir, sample_images, tmp_path):
     csv = data_dir / "tiny-imagenet-200" / "labels.csv"
     if not csv.is_file():
         pytest.skip("tiny-imagenet-200 not found")
@@ -129,3 +129,12 @@ def test_int8_bundle_quantizes_and_checks_the_one_pass_graph(tiny_bundle, data_d
     report = json.loads((out / "quantization_report.json").read_text())
     assert len(report["full"]["levels"]) == 4 and report["min_top1_agreement"] <= report["full"]["min_top1_agreement"]
     assert Cascade(bundle).one_pass
+    # the int8 one-pass graph is quantized on its own: every level's embeddings for calibration and evaluation come
+    # from the level graphs the gated cascade exits from; with the gate off, from the one-pass graph
+    patches = Cascade(bundle).preprocess(sample_images[:4])
+    for a, b in zip(Cascade(bundle).run_all_levels(patches), Cascade(bundle, one_pass=False).run_all_levels(patches)):
+        np.testing.assert_array_equal(a, b)
+    gate_off = Cascade(bundle, thresholds=1.01)
+    one = gate_off.backend.run_full(patches)[-1]
+    np.testing.assert_allclose([r.score for r in gate_off.classify_levels(patches)],
+                               gate_off.probabilities(one).max(1), atol=1e-6)
