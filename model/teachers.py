@@ -95,6 +95,9 @@ class Head:
     bias: torch.Tensor  # [N] float32
     logit_scale: float
 
+    def to(self, device: torch.device | str) -> "Head":
+        return Head(self.class_names, self.weight.to(device), self.bias.to(device), self.logit_scale)
+
     def logits(self, emb: torch.Tensor) -> torch.Tensor:
         w, b = self.weight.to(emb.device), self.bias.to(emb.device)
         return self.logit_scale * F.normalize(emb.float(), dim=-1) @ w.T + b

@@ -35,12 +35,12 @@ from tqdm import tqdm
 
 from model.checkpoint import read_checkpoint, save_checkpoint
 from model.config import WaveCLIPConfig, get_preset
-from model.teachers import Head, Teacher, TeacherError, imagenet_classes, load_teacher
+from model.teachers import Head, Teacher, TeacherError, load_teacher
 from model.waveclip import WaveCLIP
 from runtime.data import read_image_list, records_digest
 from runtime.wavelet import images_to_levels
 from train.evaluate import evaluate, head_rows
-from train.head import refit_teacher_head
+from train.head import kl_head_for
 from train.setup import (DistillError, batch_at, choose_labels, init_from_checkpoint, init_student, level_weights,
                          load_set, param_groups, run_command, set_patch_stats, use_bf16)
 from train.augment import Augment
@@ -232,16 +232,11 @@ def run(args: argparse.Namespace, stop_after: int | None = None) -> dict:
     total = args.steps if args.steps is not None else math.ceil((args.epochs or 1.0) * per_epoch)
     warmup = args.warmup if args.warmup is not None else max(1, round(0.05 * total))
     model.to(device).train()
-    head_dev = Head(head.class_names, head.weight.to(device), head.bias.to(device), head.logit_scale)
-    kl_head = head_dev
+    head_dev = head.to(device)
     if args.kl_head == "auto":
         args.kl_head = "labels" if args.teacher.startswith("open_clip:") else "imagenet1k"
-    if args.kl_weight > 0 and args.kl_head == "imagenet1k":
-        full = teacher.head([wnid for _, wnid, _ in imagenet_classes()])
-        kl_head = Head(full.class_names, full.weight.to(device), full.bias.to(device), full.logit_scale)
-    elif args.kl_weight > 0 and args.kl_head == "refit":
-        refit = refit_teacher_head(head, temb[:, 0], head_rows(labels, [k.label for k in kept]), str(args.data))
-        kl_head = Head(refit.class_names, refit.weight.to(device), refit.bias.to(device), refit.logit_scale)
+    kl_head = head_dev if args.kl_weight == 0 else kl_head_for(args.kl_head, teacher, head, temb[:, 0], labels, kept,
+                                                                 str(args.data)).to(device)
     dense_head, dense_mean, dense_std = None, None, None
     if targets.dense is not None and args.dense_weight > 0:
         torch.manual_seed(args.seed)

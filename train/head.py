@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from model.checkpoint import atomic_torch_save, load_checkpoint
-from model.teachers import Head, TeacherError
+from model.teachers import Head, TeacherError, imagenet_classes
 from runtime.cli import integer, number
 from runtime.data import read_image_list, records_digest
 from train.evaluate import head_rows, student_embeddings
@@ -82,6 +82,17 @@ def refit_teacher_head(head: Head, embeddings: torch.Tensor, rows: Sequence[int 
     fitted = fit_head(cpu, [embeddings[keep].cpu()], torch.tensor([rows[i] for i in keep]))
     print(f"teacher head refit on {len(keep)} labelled images ({time.perf_counter() - t0:.0f} s)", flush=True)
     return fitted
+
+
+def kl_head_for(kind: str, teacher, head: Head, embeddings: torch.Tensor, labels: Sequence[str], records,
+                source: str) -> Head:
+    """The head of ``train.distill``'s KL term: ``labels`` (the distillation head), ``imagenet1k`` (the teacher's
+    1000 classes) or ``refit`` (``refit_teacher_head`` on the teacher's ``embeddings`` of ``records``)."""
+    if kind == "imagenet1k":
+        return teacher.head([wnid for _, wnid, _ in imagenet_classes()])
+    if kind == "refit":
+        return refit_teacher_head(head, embeddings, head_rows(labels, [r.label for r in records]), source)
+    return head
 
 
 def label_rows(head: dict, labels: Sequence[str | None]) -> list[int | None]:
