@@ -72,17 +72,17 @@ class Cascade:
     ``thresholds``: None (the manifest's), one float, or one per level before the last. ``max_level`` caps the depth
     (that level always exits). ``labels``: restrict the head to a subset of class names or label ids. ``one_pass``:
     when every level is wanted (no gate, ``run_all_levels``), run the bundle's one-pass graph where the bundle and the
-    backend have it (False: always the levels one by one); ``run_all_levels`` takes it only where it gives the level
-    graphs' embeddings (a float bundle: validated at export; an int8 bundle's one-pass graph is quantized on its own,
-    with its own agreement in the quantization report, so calibration and evaluation of an int8 cascade run the
-    levels it exits from). When no image can exit early (every threshold above 1)
+    backend have it: None (default) with the gate off, and in ``run_all_levels`` only where it gives the level graphs'
+    embeddings (a float bundle, validated at export; an int8 bundle's one-pass graph is quantized on its own, so
+    calibration and evaluation of an int8 cascade run the levels it exits from); True: in ``run_all_levels`` too
+    (the quantization report's check of that graph); False: never. When no image can exit early (every threshold above 1)
     and the cascade makes its backend, the level sessions are left unmade until a run needs them, so that the
     process holds the weights once.
     """
 
     def __init__(self, bundle: Bundle | str | os.PathLike, backend: str | Backend = "onnxruntime",
                  thresholds: float | Sequence[float] | None = None, max_level: int | None = None,
-                 labels: Sequence[str] | None = None, top_k: int = 5, one_pass: bool = True,
+                 labels: Sequence[str] | None = None, top_k: int = 5, one_pass: bool | None = None,
                  **backend_options) -> None:
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
         self.thresholds = normalize_thresholds(thresholds, self.bundle)
@@ -91,7 +91,7 @@ class Cascade:
         if not 0 <= self.max_level <= last:
             raise ValueError(f"max level {max_level} out of range 0..{last}")
         self.top_k = top_k
-        one_pass = one_pass and self.bundle.has_full and self.max_level == last
+        asked, one_pass = one_pass, one_pass is not False and self.bundle.has_full and self.max_level == last
         full_only = one_pass and self._no_early_exit()
         if isinstance(backend, str):
             if full_only and backend in ONE_PASS:  # the level sessions are made only if a run ever needs them
@@ -99,7 +99,7 @@ class Cascade:
             backend = create_backend(self.bundle, backend, **backend_options)
         self.backend = backend
         self.one_pass = one_pass and hasattr(self.backend, "run_full")
-        self.one_pass_is_levels = self.one_pass and self.bundle.manifest["precision"] != "int8"
+        self.all_levels_in_one_pass = self.one_pass and (asked or self.bundle.manifest["precision"] != "int8")
         if self.one_pass and full_only:
             self.backend.load_full()  # every image will run it: load it now, not inside the first image's time
         self.class_index = self._select_classes(labels)
@@ -202,10 +202,10 @@ class Cascade:
         return results  # type: ignore[return-value]
 
     def run_all_levels(self, levels: list[np.ndarray]) -> list[np.ndarray]:
-        """Embeddings of every level for every row (no gate), as the level graphs give them: what calibration and
-        evaluation measure once (in one pass where ``one_pass_is_levels``)."""
+        """Embeddings of every level for every row (no gate): what calibration and evaluation measure once (in one
+        pass where ``all_levels_in_one_pass``)."""
         with host_single_threaded():
-            if self.one_pass_is_levels:
+            if self.all_levels_in_one_pass:
                 return list(self.backend.run_full(levels))
             past, out = None, []
             for k in range(self.max_level + 1):

@@ -134,6 +134,10 @@ def test_int8_bundle_quantizes_and_checks_the_one_pass_graph(tiny_bundle, data_d
     patches = Cascade(bundle).preprocess(sample_images[:4])
     for a, b in zip(Cascade(bundle).run_all_levels(patches), Cascade(bundle, one_pass=False).run_all_levels(patches)):
         np.testing.assert_array_equal(a, b)
+    asked = Cascade(bundle, one_pass=True)  # what the quantization report's check of the one-pass graph runs
+    for a, b in zip(asked.run_all_levels(patches), asked.backend.run_full(patches)):
+        np.testing.assert_array_equal(a, b)
+    assert report["full"]["levels"][0]["cosine_mean"] != report["levels"][0]["cosine_mean"]  # another graph's figures
     gate_off = Cascade(bundle, thresholds=1.01)
     one = gate_off.backend.run_full(patches)[-1]
     np.testing.assert_allclose([r.score for r in gate_off.classify_levels(patches)],
