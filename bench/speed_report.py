@@ -41,8 +41,8 @@ def summarize(run: list, t1: dict, tb: dict, mem: dict, mix: np.ndarray, args, L
     from devices.machine import describe, machine_record
 
     return {"tool": "bench/speed.py", "mix": [round(float(m), 4) for m in mix], "threads": args.threads,
-            "rounds": args.rounds, "images_per_timed_call": per_call, "batch": args.batch, "machine": describe(machine_record(args.threads)),
-            "rows": rows}
+            "rounds": args.rounds, "images_per_timed_call": per_call, "batch": args.batch,
+            "machine": describe(machine_record(args.threads)), "rows": rows}
 
 
 def format_table(r: dict) -> str:

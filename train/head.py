@@ -78,8 +78,7 @@ def refit_teacher_head(head: Head, embeddings: torch.Tensor, rows: Sequence[int 
     if not keep:
         raise DistillError(f"--kl-head refit: no image of {source} has a label among the head's classes")
     t0 = time.perf_counter()
-    cpu = Head(head.class_names, head.weight.cpu(), head.bias.cpu(), head.logit_scale)
-    fitted = fit_head(cpu, [embeddings[keep].cpu()], torch.tensor([rows[i] for i in keep]))
+    fitted = fit_head(head.to("cpu"), [embeddings[keep].cpu()], torch.tensor([rows[i] for i in keep]))
     print(f"teacher head refit on {len(keep)} labelled images ({time.perf_counter() - t0:.0f} s)", flush=True)
     return fitted
 
