@@ -176,15 +176,43 @@ def onnx_op_summary(proto: onnx.ModelProto, ops: list[str]) -> tuple[dict[str, i
 
 def _float_matmuls(path: Path, scheme: OnnxScheme) -> list[str]:
     """Names of the MatMul/Gemm nodes the scheme keeps float: activation x activation (attention) and/or the first
-    (patch embedding, reads ``patches``) and last (output projection) weighted ones."""
+    (patch embedding: reads a ``patches`` input through no other MatMul, past the patch standardisation) and last
+    (output projection: an ``embedding`` output follows it through no other MatMul; every level's in a one-pass
+    graph). Found by data flow: names and the order of nodes differ from graph to graph."""
     graph = onnx.load(str(path), load_external_data=False).graph
     consts = {t.name for t in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
     mms = [n for n in graph.node if n.op_type in ("MatMul", "Gemm")]
     weighted = [n for n in mms if any(i in consts for i in n.input)]
     names = [n.name for n in mms if n not in weighted] if scheme.weight_matmuls_only else []
     if scheme.float_first_last and weighted:
-        names += [n.name for n in weighted if "patches" in n.input] + [weighted[-1].name]
+        first = _reach(graph, {i.name for i in graph.input if i.name.startswith("patches")}, forward=True)
+        last = _reach(graph, {o.name for o in graph.output if o.name.startswith("embedding")}, forward=False)
+        names += [n.name for n in weighted if any(i in first for i in n.input) or any(o in last for o in n.output)]
     return names
+
+
+def _reach(graph: onnx.GraphProto, start: set[str], forward: bool) -> set[str]:
+    """Tensors reached from ``start`` along (forward) or against the data flow without passing a MatMul/Gemm (nor a
+    Shape: a shape is not data)."""
+    seen, todo = set(start), list(start)
+    readers: dict[str, list] = collections.defaultdict(list)
+    writer = {}
+    for n in graph.node:
+        for i in n.input:
+            readers[i].append(n)
+        for o in n.output:
+            writer[o] = n
+    while todo:
+        t = todo.pop()
+        nodes = readers.get(t, []) if forward else [writer[t]] if t in writer else []
+        for n in nodes:
+            if n.op_type in ("MatMul", "Gemm", "Shape"):
+                continue
+            for nxt in (n.output if forward else n.input):
+                if nxt and nxt not in seen:
+                    seen.add(nxt)
+                    todo.append(nxt)
+    return seen
 
 
 def _data_bytes(path: Path) -> int:

@@ -78,6 +78,24 @@ def test_ort_bundle_contract(ort_int8, tiny_bundle):
         assert {e.value for t in graph.initializer for e in t.external_data if e.key == "location"} == {"weights.bin"}
 
 
+def test_patch_embedding_and_projection_stay_float(ort_int8):
+    """The scheme keeps the first (patch embedding, behind the patch standardisation) and last (every level's output
+    projection) weighted MatMuls float, with float weights: in the level graphs and in the one-pass graph."""
+    out, _ = ort_int8
+    bundle = load_bundle(out)
+    assert bundle.has_full
+    for path, levels in [(bundle.level_path(k), 1) for k in range(bundle.num_levels)] + [(bundle.full_path(), 4)]:
+        graph = onnx.load(str(path), load_external_data=False).graph
+        dq = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+        weights = {t.name for t in graph.initializer}
+        matmuls = [n for n in graph.node if n.op_type == "MatMul"]
+        first = [n for n in matmuls if "patch_embed" in n.name]
+        last = [n for n in matmuls if any(i in weights and i.endswith("proj") for i in n.input)]
+        assert len(first) == levels and len(last) == levels, path.name
+        assert not any(i in dq for n in first + last for i in n.input), path.name
+        assert any(i in dq for n in matmuls for i in n.input)  # the blocks' MatMuls are quantized
+
+
 def test_provenance_records_no_absolute_path(ort_int8):
     from conftest import absolute_paths
 
