@@ -27,7 +27,7 @@ from export.full import export_full, full_entry, validate_full
 from export.graphs import DEFAULT_OPSET, EXPORTER, KINDS, PAST, PRESENT, export_level, level_io
 from export.optimize import optimize_graph, summarize
 from export.split import export_body, export_embed, split_entry, validate_split
-from export.validate import find_images, format_table, tolerances, validate_bundle
+from export.validate import MAX_IMAGES, find_images, format_table, tolerances, validate_bundle
 from export.weights import SharedWeights, save_graph
 from model.checkpoint import CheckpointError, load_checkpoint
 from model.config import WaveCLIPConfig
@@ -110,6 +110,7 @@ def build_manifest(cfg: WaveCLIPConfig, level_entries: list[dict], head: dict, p
 
 def export_bundle(ckpt_path: str | Path, out: str | Path, *, opset: int = DEFAULT_OPSET, levels: str | None = None,
                   fp16: bool = False, force: bool = False, images: Sequence[str] | None = None,
+                  max_images: int = MAX_IMAGES,
                   optimize: bool = True, atol: float | None = None, progress: bool = True,
                   split: bool = True, full: bool = True) -> tuple[dict, dict]:
     """Export and validate a bundle; returns (manifest, validation). With ``split`` (fp32 only) it also holds the
@@ -121,7 +122,7 @@ def export_bundle(ckpt_path: str | Path, out: str | Path, *, opset: int = DEFAUL
     model, ckpt = load_checkpoint(ckpt_path)
     cfg = model.config
     chosen = parse_levels(levels, cfg.num_levels)
-    found, source = find_images(images)
+    found, source = find_images(images, max_images)
     patches = preprocess(found, cfg.preprocessing_spec())
     precision = "fp16" if fp16 else "fp32"
     ck_head = ckpt["head"]
@@ -223,8 +224,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="replace the output folder if it exists (the old one stays whole until the new one is in)")
     p.add_argument("--images", nargs="+", metavar="IMG_OR_DIR",
-                   help="validation images (files or folders); default: $WAVECLIP_DATA or ../shared/data "
-                        "imagenet-sample (first 16), else examples/images")
+                   help="validation images (files or folders; at most --max-images of them, evenly spaced); default: "
+                        "$WAVECLIP_DATA or ../shared/data imagenet-sample (the first --max-images), else examples/images")
+    p.add_argument("--max-images", type=integer(1, 100000), default=MAX_IMAGES,
+                   help=f"validate on at most this many images, run as one batch (default {MAX_IMAGES})")
     p.add_argument("--no-optimize", action="store_true",
                    help="skip the optional offline graph optimisation pass (kept only where it pays anyway)")
     p.add_argument("--no-split", action="store_true",
@@ -246,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         manifest, result = export_bundle(
             args.checkpoint, args.output, opset=args.opset, levels=args.levels, fp16=args.fp16, force=args.force,
-            images=args.images, optimize=not args.no_optimize, atol=args.atol, progress=not args.quiet,
+            images=args.images, max_images=args.max_images, optimize=not args.no_optimize, atol=args.atol, progress=not args.quiet,
             split=not args.no_split, full=not args.no_full)
     except ValidationFailed as e:
         print(format_table(e.result))

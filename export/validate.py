@@ -26,19 +26,22 @@ def tolerances(precision: str, atol: float | None = None) -> dict[str, float]:
     return dict(FP16_ATOL) if precision == "fp16" else {"embedding": FP32_ATOL, "present": FP32_ATOL}
 
 
-def find_images(paths: Sequence[str | os.PathLike] | None = None) -> tuple[list, str]:
-    """Validation images: ``paths``, else the shared imagenet-sample (first 16), else ``examples/images``, else
-    seeded synthetic images (said so in the report). Returns (images, source)."""
+def find_images(paths: Sequence[str | os.PathLike] | None = None, limit: int = MAX_IMAGES) -> tuple[list, str]:
+    """Validation images: ``paths`` (at most ``limit``, evenly spaced in name order: validation runs them as one
+    batch, and a folder of 1,000 b16 images takes over 24 GiB), else the shared imagenet-sample (first ``limit``), else
+    ``examples/images``, else seeded synthetic images (said so in the report). Returns (images, source)."""
     if paths:
         found = list_images(paths)
         if not found:
             raise FileNotFoundError(f"no images found in {', '.join(map(str, paths))}")
+        if len(found) > limit:
+            return [found[i * len(found) // limit] for i in range(limit)], f"--images ({limit} of {len(found)})"
         return found, "--images"
     data = Path(os.environ.get("WAVECLIP_DATA", REPO.parent / "shared" / "data"))
     for folder in (data / "imagenet-sample", REPO / "examples" / "images"):
         found = list_images([folder]) if folder.is_dir() else []
         if found:
-            return found[:MAX_IMAGES], str(folder)
+            return found[:limit], str(folder)
     rng = np.random.default_rng(0)
     return [rng.integers(0, 256, (96, 128, 3), dtype=np.uint8) for _ in range(4)], "synthetic (no real images found)"
 

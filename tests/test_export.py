@@ -273,3 +273,25 @@ def test_two_layer_patch_embedding_exports_and_validates(tmp_path):
     manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
     assert manifest["model"]["patch_hidden"] == 24
     validate_manifest(manifest)
+
+
+def test_validation_images_are_capped(tmp_path, tiny_checkpoint, capsys):
+    """A folder of many images validates on --max-images of them, evenly spaced (one batch: a folder of 1,000
+    imagenet-sample images made a b16 export take over 24 GiB); the report names the subset."""
+    from conftest import write_noise_images
+    from export.validate import find_images
+
+    (tmp_path / "imgs").mkdir()
+    write_noise_images(tmp_path / "imgs", 40, 40, count=10)
+    found, source = find_images([tmp_path / "imgs"], limit=4)
+    assert [Path(f).name for f in found] == ["0.png", "2.png", "5.png", "7.png"] and source == "--images (4 of 10)"
+    assert find_images([tmp_path / "imgs"], limit=10)[1] == "--images"
+    out = tmp_path / "bundle"
+    assert export_cli.main([str(tiny_checkpoint), "-o", str(out), "--images", str(tmp_path / "imgs"),
+                            "--max-images", "3", "-q", "--no-split", "--no-full"]) == 0
+    report = json.loads((out / "validation.json").read_text())
+    assert report["images"]["count"] == 3 and report["images"]["source"] == "--images (3 of 10)"
+    with pytest.raises(SystemExit) as bad:
+        export_cli.main([str(tiny_checkpoint), "-o", str(tmp_path / "b2"), "--max-images", "0"])
+    assert bad.value.code == 2
+    assert "--max-images" in capsys.readouterr().err
