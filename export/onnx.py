@@ -249,8 +249,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         manifest, result = export_bundle(
             args.checkpoint, args.output, opset=args.opset, levels=args.levels, fp16=args.fp16, force=args.force,
-            images=args.images, max_images=args.max_images, optimize=not args.no_optimize, atol=args.atol, progress=not args.quiet,
-            split=not args.no_split, full=not args.no_full)
+            images=args.images, max_images=args.max_images, optimize=not args.no_optimize, atol=args.atol,
+            progress=not args.quiet, split=not args.no_split, full=not args.no_full)
     except ValidationFailed as e:
         print(format_table(e.result))
         print(f"error: validation failed, no bundle written: {e}", file=sys.stderr)
