@@ -224,8 +224,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="replace the output folder if it exists (the old one stays whole until the new one is in)")
     p.add_argument("--images", nargs="+", metavar="IMG_OR_DIR",
-                   help="validation images (files or folders; at most --max-images of them, evenly spaced); default: "
-                        "$WAVECLIP_DATA or ../shared/data imagenet-sample (the first --max-images), else examples/images")
+                   help="validation images (files or folders; at most --max-images of them, evenly spaced); "
+                        "default: $WAVECLIP_DATA or ../shared/data imagenet-sample (the first --max-images), else "
+                        "examples/images")
     p.add_argument("--max-images", type=integer(1, 100000), default=MAX_IMAGES,
                    help=f"validate on at most this many images, run as one batch (default {MAX_IMAGES})")
     p.add_argument("--no-optimize", action="store_true",
