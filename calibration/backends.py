@@ -185,30 +185,30 @@ def _float_matmuls(path: Path, scheme: OnnxScheme) -> list[str]:
     weighted = [n for n in mms if any(i in consts for i in n.input)]
     names = [n.name for n in mms if n not in weighted] if scheme.weight_matmuls_only else []
     if scheme.float_first_last and weighted:
-        first = _reach(graph, {i.name for i in graph.input if i.name.startswith("patches")}, forward=True)
-        last = _reach(graph, {o.name for o in graph.output if o.name.startswith("embedding")}, forward=False)
+        readers: dict[str, list] = collections.defaultdict(list)
+        writer = {}
+        for n in graph.node:
+            for i in n.input:
+                readers[i].append(n)
+            for o in n.output:
+                writer[o] = n
+        first = _reach({i.name for i in graph.input if i.name.startswith("patches")}, lambda t: readers.get(t, []),
+                       lambda n: n.output)
+        last = _reach({o.name for o in graph.output if o.name.startswith("embedding")},
+                      lambda t: [writer[t]] if t in writer else [], lambda n: n.input)
         names += [n.name for n in weighted if any(i in first for i in n.input) or any(o in last for o in n.output)]
     return names
 
 
-def _reach(graph: onnx.GraphProto, start: set[str], forward: bool) -> set[str]:
-    """Tensors reached from ``start`` along (forward) or against the data flow without passing a MatMul/Gemm (nor a
-    Shape: a shape is not data)."""
+def _reach(start: set[str], nodes_of, next_of) -> set[str]:
+    """Tensors reached from ``start`` through ``nodes_of(tensor)`` and ``next_of(node)`` (along or against the data
+    flow) without passing a MatMul/Gemm (nor a Shape: a shape is not data)."""
     seen, todo = set(start), list(start)
-    readers: dict[str, list] = collections.defaultdict(list)
-    writer = {}
-    for n in graph.node:
-        for i in n.input:
-            readers[i].append(n)
-        for o in n.output:
-            writer[o] = n
     while todo:
-        t = todo.pop()
-        nodes = readers.get(t, []) if forward else [writer[t]] if t in writer else []
-        for n in nodes:
+        for n in nodes_of(todo.pop()):
             if n.op_type in ("MatMul", "Gemm", "Shape"):
                 continue
-            for nxt in (n.output if forward else n.input):
+            for nxt in next_of(n):
                 if nxt and nxt not in seen:
                     seen.add(nxt)
                     todo.append(nxt)
