@@ -13,7 +13,9 @@ on real images, each timed call ten images in a row for every item alike:
   when no image can exit early (the gate off), where the bundle and the backend have it;
 - the cascade at the exit mix, each image forced to its exit (runtime.timing.exit_plan): measured mean against the
   mean the exit costs predict (runtime.timing.expected_ms, the model calibration.gate --budget-ms uses);
-- throughput at ``--batch`` (images/s) of ViT-B-16 and of the cascade at the mix;
+- throughput at ``--batch`` (images/s) of ViT-B-16 and of the cascade at the mix: batch by batch
+  (``Cascade.classify_levels``) and pooled (``runtime.stream``: undecided rows wait for later batches' rows, so
+  every level runs full batches; a stream of ``POOLED_BATCHES`` batches, the partial flush at its end included);
 - resident memory (VmRSS) of a fresh process holding the loaded model, after its first image.
 
 Ratios are against ViT-B-16 at the same backend and precision, measured in the same run.
@@ -42,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed_report import format_table, summarize  # noqa: E402
 
 PER_CALL = 10  # batch-1 images per timed call, for every item alike
+POOLED_BATCHES = 20  # batches per timed pooled stream (its end, where partial batches run, is part of the time)
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -261,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     from runtime.data import load_images, read_image_list
+    from runtime.stream import PooledCascade
     from runtime.wavelet import images_to_levels
 
     data = args.data if Path(args.data).exists() else str(REPO / "examples" / "images")
@@ -269,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     L = bundles[0].num_levels
     plan = exit_plan(mix, PER_CALL * args.rounds)  # over all rounds the counts follow the mix
     batch_plan = exit_plan(mix, args.batch * 5)
+    pooled_plan = exit_plan(mix, args.batch * POOLED_BATCHES)
     run = setups(bundles, images, args.threads, args.ort_weights.split(","), log, args.vit,
                  tuple(w for w in args.ov_weights.split(",") if w != "none"), dict(args.ov_property), spinning)
     images_file = str(Path(os.environ.get("TMPDIR", "/tmp")) / f"speed-images-{os.getpid()}.npy")
@@ -321,6 +326,15 @@ def main(argv: list[str] | None = None) -> int:
             return len(batch_plan) // args.batch
 
         batch_items[f"{s.label}|mix"] = mixed_batch
+
+        def pooled(c=cascade) -> int:
+            pool = PooledCascade(c, args.batch)
+            for i in range(0, len(pooled_plan), args.batch):
+                pool.submit(batch_levels, exit_levels=pooled_plan[i:i + args.batch])
+            pool.flush()
+            return len(pooled_plan) // args.batch
+
+        batch_items[f"{s.label}|pooled"] = pooled
     # every batch-1 item runs PER_CALL images back to back per timed call, as the mix does: a single run after another
     # item's pays a cold start (caches, waking threads) that a sequence of images spreads out
     items = {k: fn if k.endswith("|mix") else in_sequence(fn) for k, fn in items.items()}

@@ -37,6 +37,10 @@ def summarize(run: list, t1: dict, tb: dict, mem: dict, mix: np.ndarray, args, L
             cb = float(np.mean(tb[f"{s.label}|mix"]))
             row["throughput"] = {"batch": args.batch, "vit_images_per_s": round(args.batch * 1e3 / vb, 2),
                                  "mix_images_per_s": round(args.batch * 1e3 / cb, 2), "ratio": round(vb / cb, 3)}
+            if f"{s.label}|pooled" in tb:
+                pb = float(np.mean(tb[f"{s.label}|pooled"]))
+                row["throughput"].update(pooled_images_per_s=round(args.batch * 1e3 / pb, 2),
+                                         pooled_ratio=round(vb / pb, 3))
         rows.append(row)
     from devices.machine import describe, machine_record
 
@@ -56,7 +60,9 @@ def format_table(r: dict) -> str:
              "(ratio) | RSS MiB ViT → cascade (ratio) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in r["rows"]:
         c, q, m, t = row["exit_costs"], row["ratios"], row["memory"], row.get("throughput")
-        tp = f"{t['vit_images_per_s']:.1f} → {t['mix_images_per_s']:.1f} ({t['ratio']:.2f}x)" if t else "-"
+        tp = (f"{t['vit_images_per_s']:.1f} → {t['mix_images_per_s']:.1f} ({t['ratio']:.2f}x)"
+              + (f"; pooled {t['pooled_images_per_s']:.1f} ({t['pooled_ratio']:.2f}x)" if "pooled_ratio" in t else "")
+              if t else "-")
         mm = (f"{m['vit']['rss_mib']:.0f} → {m['cascade']['rss_mib']:.0f} ({m['ratio']:.2f}x)"
               if m["ratio"] else "-")
         if m["ratio"] and (m.get("one_pass") or {}).get("rss_mib"):
@@ -73,6 +79,8 @@ def format_table(r: dict) -> str:
               "model of calibration.gate --budget-ms. always-full (one pass): every level from the bundle's "
               "one-pass graph (export/full.py), what the runtime runs when no image can exit early. top-1 agree: "
               "the lowest, over levels, share of the images whose head top-1 matches the first setup's (fp32) at "
-              "that level. RSS: VmRSS of a fresh process holding the loaded model, after its first image (the "
-              "cascade's sessions; gate off: the runtime with no early exit possible, the one-pass session alone)."]
+              f"that level. b{r['batch']}: batch by batch, and pooled (runtime.stream: undecided images wait for "
+              "later batches' at the same level, so every level runs full batches). RSS: VmRSS of a fresh process "
+              "holding the loaded model, after its first image (the cascade's sessions; gate off: the runtime with "
+              "no early exit possible, the one-pass session alone)."]
     return "\n".join(lines)

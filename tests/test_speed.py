@@ -163,7 +163,8 @@ def test_bench_speed_prints_the_table(tiny_bundle, tmp_path):
         assert row["memory"]["cascade"]["rss_mib"] > 0 and row["memory"]["ratio"] > 0
         assert row["agreement_top1"] >= 0.99 or "bf16" in row["setup"]
         assert row["one_pass"]["runs"] == 2 and row["ratios"]["one_pass_vs_vit"] > 0  # the bundle's one-pass graph
-    assert all(row["throughput"]["batch"] == 2 for row in r["rows"])
+    assert all(row["throughput"]["batch"] == 2 and row["throughput"]["pooled_ratio"] > 0 for row in r["rows"])
+    assert "; pooled " in out.stdout
     assert "always-full / ViT (one pass)" in out.stdout
     assert r["images_per_timed_call"] == 10 and "10 images a timed call" in out.stdout
 

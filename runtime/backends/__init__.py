@@ -29,7 +29,23 @@ class Backend(Protocol):
 
     def run_level(self, level: int, patches: np.ndarray, past: Any | None) -> tuple[np.ndarray, Any]: ...
 
-    def take_rows(self, present: Any, rows: np.ndarray) -> Any: ...
+    def take_rows(self, present: Any, rows: np.ndarray) -> Any: ...  # a copy the backend never overwrites
+
+    def gather_rows(self, parts: list[tuple[Any, np.ndarray]]) -> Any: ...  # (cache, rows) of one level -> one
+
+    fresh_outputs: bool  # run_level returns new present tensors (False: a later run may overwrite them)
+
+
+def gather_numpy(parts: list[tuple[np.ndarray, np.ndarray]], out: np.ndarray | None = None) -> np.ndarray:
+    """``rows`` of each array (same trailing shape), in order, copied once into ``out`` (new if None)."""
+    first = parts[0][0]
+    if out is None:
+        out = np.empty((sum(len(rows) for _, rows in parts), *first.shape[1:]), first.dtype)
+    start = 0
+    for array, rows in parts:
+        np.take(array, rows, axis=0, out=out[start:start + len(rows)])
+        start += len(rows)
+    return out
 
     def to_numpy(self, present: Any) -> list[np.ndarray]: ...
 

@@ -5,7 +5,7 @@ import numpy as np
 import openvino as ov
 from openvino.preprocess import PrePostProcessor
 
-from runtime.backends import BackendError, check_kv_shapes
+from runtime.backends import BackendError, check_kv_shapes, gather_numpy
 from runtime.bundle import Bundle
 from runtime.errors import one_line
 
@@ -61,6 +61,7 @@ class OpenVINOBackend:
             raise BackendError(f"{bundle.path}: openvino weights='split' needs the bundle's split graphs (export it "
                                "again without --no-split), or use weights='levels'")
         self.bundle, self.weights = bundle, weights
+        self.fresh_outputs = False  # a request's next run overwrites the present tensors it returned
         core = ov.Core()
         config = {"PERFORMANCE_HINT": hint}
         # OpenVINO runs fp32 graphs in bf16 on CPUs that have it unless told otherwise; keep the bundle's precision.
@@ -178,11 +179,19 @@ class OpenVINOBackend:
         return t
 
     def take_rows(self, present: list, rows: np.ndarray) -> list:
+        return self.gather_rows([(present, rows)])
+
+    def gather_rows(self, parts: list[tuple[list, np.ndarray]]) -> list:
+        """Chosen rows of several caches of one level (same past length) -> one cache, in order, the bits as they are."""
         out = []
-        for t in present:
-            kept = ov.Tensor(t.get_element_type(), [len(rows), *list(t.shape)[1:]])
-            np.asarray(kept.data).view(np.uint8)[...] = np.asarray(t.data).view(np.uint8)[rows]  # the bits as they are
-            out.append(kept)
+        for i in range(len(parts[0][0])):
+            tensors = [(p[i] if isinstance(p[i], ov.Tensor) else self._kv_tensor(np.asarray(p[i])), rows)
+                       for p, rows in parts]
+            shape = list(tensors[0][0].shape)
+            joined = ov.Tensor(tensors[0][0].get_element_type(), [sum(len(r) for _, r in tensors), *shape[1:]])
+            gather_numpy([(np.asarray(t.data).view(np.uint8), rows) for t, rows in tensors],
+                         out=np.asarray(joined.data).view(np.uint8))
+            out.append(joined)
         return out
 
     def to_numpy(self, present: list) -> list[np.ndarray]:

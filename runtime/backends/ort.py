@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
-from runtime.backends import BackendError, check_kv_shapes
+from runtime.backends import BackendError, check_kv_shapes, gather_numpy
 from runtime.bundle import Bundle
 from runtime.errors import one_line
 
@@ -55,6 +55,7 @@ class OnnxRuntimeBackend:
         self.bundle = bundle
         self.providers = providers or default_providers()
         self.io_binding = io_binding
+        self.fresh_outputs = True  # every run binds new present outputs: a cache stays valid while others run
         self.weights = weights
         self.spinning = spinning
         self._empty_past: dict[int, list] = {}
@@ -177,9 +178,15 @@ class OnnxRuntimeBackend:
         return binding.get_outputs()[0]
 
     def take_rows(self, present: list, rows: np.ndarray) -> list:
+        return self.gather_rows([(present, rows)])
+
+    def gather_rows(self, parts: list[tuple[list, np.ndarray]]) -> list:
+        """Chosen rows of several caches of one level (same past length) -> one cache, in order, one copy."""
+        joined = [gather_numpy([(_as_numpy(present[i]), rows) for present, rows in parts])
+                  for i in range(len(parts[0][0]))]
         if not self.io_binding:
-            return [np.ascontiguousarray(v[rows]) for v in present]
-        return [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy()[rows]), self.device, 0) for v in present]
+            return joined
+        return [ort.OrtValue.ortvalue_from_numpy(v, self.device, 0) for v in joined]
 
     def to_numpy(self, present: list) -> list[np.ndarray]:
         return [_as_numpy(v) for v in present]

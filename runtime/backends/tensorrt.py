@@ -57,6 +57,20 @@ class DeviceArray:
                                      cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice))
         return out
 
+    @classmethod
+    def gather(cls, parts: list[tuple["DeviceArray", np.ndarray]]) -> "DeviceArray":
+        """Chosen rows of several arrays (same trailing shape), in order, on the device."""
+        first = parts[0][0]
+        out = cls((sum(len(rows) for _, rows in parts),) + first.shape[1:])
+        row_bytes = first.nbytes // first.shape[0]
+        i = 0
+        for array, rows in parts:
+            for r in rows:
+                _check(cudart.cudaMemcpy(out.ptr + i * row_bytes, array.ptr + int(r) * row_bytes, row_bytes,
+                                         cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice))
+                i += 1
+        return out
+
     def __del__(self) -> None:
         if getattr(self, "ptr", None):
             cudart.cudaFree(self.ptr)
@@ -95,6 +109,7 @@ class TensorRTBackend:
     def __init__(self, bundle: Bundle, precision: str | None = None, max_batch: int = 32, opt_batch: int = 1,
                  device_name: str | None = None, workspace_mib: int = 1024) -> None:
         self.bundle = bundle
+        self.fresh_outputs = True  # every run allocates its present outputs
         precision = precision or ("int8" if bundle.manifest["precision"] == "int8" else "fp16")
         props = _check(cudart.cudaGetDeviceProperties(0))
         device_name = device_name or props.name.decode(errors="ignore").replace(" ", "-").lower()
@@ -136,6 +151,9 @@ class TensorRTBackend:
 
     def take_rows(self, present: list, rows: np.ndarray) -> list:
         return [v.take_rows(rows) for v in present]
+
+    def gather_rows(self, parts: list[tuple[list, np.ndarray]]) -> list:
+        return [DeviceArray.gather([(p[i], rows) for p, rows in parts]) for i in range(len(parts[0][0]))]
 
     def to_numpy(self, present: list) -> list[np.ndarray]:
         return [v.numpy() for v in present]
