@@ -19,6 +19,7 @@ from runtime.cli import ArgumentParser, integer, key_value, threshold
 from runtime.data import ImageRecord, load_images
 from runtime.errors import one_line
 from runtime.preprocess import list_images
+from runtime.stream import PooledCascade
 from runtime.wavelet import images_to_levels
 
 
@@ -37,6 +38,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--top-k", type=integer(1), default=5, help="labels to report per image (default 5)")
     p.add_argument("--labels", help="comma-separated subset of class names or label ids to classify among")
     p.add_argument("--batch-size", type=integer(1), default=1, help="images per cascade batch (default 1)")
+    p.add_argument("--pool", action="store_true",
+                   help="with --batch-size > 1: images a level does not decide wait for later batches' images at the "
+                        "same level, so every level runs full batches (more images/s on a folder; results print as "
+                        "images are decided, --json keeps the input order)")
     p.add_argument("--threads", type=integer(0), help="intra-op threads for the backend (default or 0: the backend's "
                                                      "choice)")
     p.add_argument("--ov-property", type=key_value, action="append", default=[], metavar="KEY=VALUE",
@@ -97,6 +102,26 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     bar = tqdm(total=len(paths), unit="img", file=sys.stderr,  # a bar only on a terminal (never torn into logs)
                disable=len(paths) < 2 or args.json or not sys.stderr.isatty())
+    pool = PooledCascade(cascade, args.batch_size) if args.pool else None
+    stream: list[tuple[Path, float]] = []  # (path, preprocess ms) by stream position, when pooled
+    decided_keys: list[int] = []  # stream position of each result, when pooled
+
+    def report(path: Path, res: Result) -> None:
+        results.append((path, res))
+        if not args.json:
+            ms = " ".join(f"{m:.1f}" for m in res.level_ms)
+            lines = [f"{path}: {res.class_name} ({res.score:.3f})  exit level {res.exit_level}  "
+                     f"margin {res.margin:.3f}  ms/level [{ms}]"]
+            lines += [f"    {name} ({score:.3f})" for name, score in res.top_k[1:]]
+            with tqdm.external_write_mode(file=sys.stdout):  # above the bar, whole lines, flushed
+                print("\n".join(lines), flush=True)
+
+    def report_pooled(decided: list[tuple[int, Result]]) -> None:
+        for key, res in decided:
+            res.preprocess_ms = stream[key][1]
+            report(stream[key][0], res)
+            decided_keys.append(key)
+
     for i in range(0, len(paths), args.batch_size):
         t0 = time.perf_counter()
         batch = [ImageRecord(p) for p in paths[i:i + args.batch_size]]
@@ -108,17 +133,16 @@ def main(argv: list[str] | None = None) -> int:
             continue
         levels = images_to_levels(arrays, spec)
         pre_ms = (time.perf_counter() - t0) * 1e3 / len(kept)
-        chunk = [r.path for r in kept]
-        for path, res in zip(chunk, cascade.classify_levels(levels)):
+        if pool is not None:
+            stream += [(r.path, pre_ms) for r in kept]
+            report_pooled(pool.submit(levels))
+            continue
+        for record, res in zip(kept, cascade.classify_levels(levels)):
             res.preprocess_ms = pre_ms
-            results.append((path, res))
-            if not args.json:
-                ms = " ".join(f"{m:.1f}" for m in res.level_ms)
-                lines = [f"{path}: {res.class_name} ({res.score:.3f})  exit level {res.exit_level}  "
-                         f"margin {res.margin:.3f}  ms/level [{ms}]"]
-                lines += [f"    {name} ({score:.3f})" for name, score in res.top_k[1:]]
-                with tqdm.external_write_mode(file=sys.stdout):  # above the bar, whole lines, flushed
-                    print("\n".join(lines), flush=True)
+            report(record.path, res)
+    if pool is not None:
+        report_pooled(pool.flush())
+        results[:] = [r for _, r in sorted(zip(decided_keys, results), key=lambda pair: pair[0])]
     bar.close()
     summary = summarize([r for _, r in results], cascade, time.perf_counter() - start)
     summary["skipped"] = failed

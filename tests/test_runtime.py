@@ -163,6 +163,22 @@ def test_cli_json(tiny_bundle):
     assert len(r["top_k"]) == 3 and len(r["level_ms"]) == r["exit_level"] + 1
 
 
+def test_cli_pool_gives_the_batch_answers_in_input_order(tiny_bundle):
+    """--pool (undecided images wait for later batches' at the same level): the same labels and exits as the
+    batch-by-batch run, --json in input order, an image given twice answered twice."""
+    images = [*EXAMPLES, EXAMPLES[0]]
+    runs = {}
+    for extra in ([], ["--pool"]):
+        out = run_cli(tiny_bundle, *images, "--json", "--threshold", "0.01", "0.02", "0.05", "--batch-size", "3",
+                      *extra)
+        assert out.returncode == 0, out.stderr
+        runs[bool(extra)] = [(r["image"], r["label"], r["exit_level"]) for r in json.loads(out.stdout)["results"]]
+    assert [r[0] for r in runs[True]] == [str(p) for p in images]
+    assert runs[True] == runs[False] and len({r[2] for r in runs[True]}) > 1
+    out = run_cli(tiny_bundle, *images, "--threshold", "0.01", "0.02", "0.05", "--batch-size", "3", "--pool")
+    assert out.returncode == 0 and out.stdout.count(" exit level ") == len(images)
+
+
 def test_cli_weights_picks_the_graphs_an_int8_bundle_runs():
     """An int8 bundle's level graphs and split body are quantized apart: --weights levels runs the level graphs,
     split the split body (the default); each equals the Cascade of that mode, and the two differ."""
