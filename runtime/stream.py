@@ -126,7 +126,7 @@ class PooledCascade:
             done = rows.forced == level
         go_on = np.flatnonzero(~done)
         if len(go_on):
-            if self.backend.fresh_outputs:  # the rows' cache is gathered when they run next
+            if getattr(self.backend, "fresh_outputs", False):  # the rows' cache is gathered when they run next
                 cache, kept, whole = present, go_on, len(go_on) == len(rows)
             else:  # copied now: the backend's next run may overwrite its outputs while the rows wait
                 cache, kept, whole = self.backend.take_rows(present, go_on), np.arange(len(go_on)), True

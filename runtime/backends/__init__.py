@@ -35,6 +35,8 @@ class Backend(Protocol):
 
     fresh_outputs: bool  # run_level returns new present tensors (False: a later run may overwrite them)
 
+    def to_numpy(self, present: Any) -> list[np.ndarray]: ...
+
 
 def gather_numpy(parts: list[tuple[np.ndarray, np.ndarray]], out: np.ndarray | None = None) -> np.ndarray:
     """``rows`` of each array (same trailing shape), in order, copied once into ``out`` (new if None)."""
@@ -46,8 +48,6 @@ def gather_numpy(parts: list[tuple[np.ndarray, np.ndarray]], out: np.ndarray | N
         np.take(array, rows, axis=0, out=out[start:start + len(rows)])
         start += len(rows)
     return out
-
-    def to_numpy(self, present: Any) -> list[np.ndarray]: ...
 
 
 def check_kv_shapes(bundle: Bundle, level: int, batch: int, shapes: list[tuple[int, ...]]) -> None:

@@ -48,15 +48,6 @@ class DeviceArray:
         _check(cudart.cudaMemcpy(out.ctypes.data, self.ptr, self.nbytes, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost))
         return out
 
-    def take_rows(self, rows: np.ndarray) -> "DeviceArray":
-        """Gather batch rows on the device (one device-to-device copy per row)."""
-        out = DeviceArray((len(rows),) + self.shape[1:])
-        row_bytes = self.nbytes // self.shape[0]
-        for i, r in enumerate(rows):
-            _check(cudart.cudaMemcpy(out.ptr + i * row_bytes, self.ptr + int(r) * row_bytes, row_bytes,
-                                     cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice))
-        return out
-
     @classmethod
     def gather(cls, parts: list[tuple["DeviceArray", np.ndarray]]) -> "DeviceArray":
         """Chosen rows of several arrays (same trailing shape), in order, on the device."""
@@ -150,7 +141,7 @@ class TensorRTBackend:
         return outputs["embedding"].numpy(), [outputs[n] for n in present_names]
 
     def take_rows(self, present: list, rows: np.ndarray) -> list:
-        return [v.take_rows(rows) for v in present]
+        return self.gather_rows([(present, rows)])
 
     def gather_rows(self, parts: list[tuple[list, np.ndarray]]) -> list:
         return [DeviceArray.gather([(p[i], rows) for p, rows in parts]) for i in range(len(parts[0][0]))]
