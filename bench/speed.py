@@ -3,9 +3,10 @@
     python bench/speed.py BUNDLE [BUNDLE_INT8 ...] [--mix 40,30,20,10] [--rounds 6] [--batch 8] [--threads 2]
 
 For each bundle (fp32: ONNX Runtime fp32, OpenVINO f32 and, where the CPU has bf16, OpenVINO bf16; an int8 bundle:
-its quantization backend) and the ViT-B-16 baseline at the same backend and precision (int8: quantized the same way,
-devices.baseline.quantized_baseline), measured in one run, interleaved round by round within each backend, batch 1
-on real images, each timed call ten images in a row for every item alike:
+its quantization backend, on OpenVINO also with a bf16 KV cache where the CPU has bf16) and the ViT-B-16 baseline
+at the same backend and precision (int8: quantized the same way, devices.baseline.quantized_baseline), measured in
+one run, interleaved round by round within each backend, batch 1 on real images, each timed call ten images in a
+row for every item alike:
 
 - ViT-B-16; WaveCLIP exiting at level 0, 1, 2 and always-full (the cost of an image that exits at k: the real
   cascade with the exits forced, head, softmax and KV rows included);
@@ -104,6 +105,9 @@ def setups(bundles: list[Bundle], images: np.ndarray, threads: int, ort_weights:
             for w in ort_weights if target == "onnxruntime" else ov_weights:
                 if w != "split" or b.has_split:
                     out.append(Setup(f"{target} {name} ({w})", str(b.path), target, {"weights": w}, qvit, prec, None))
+                    if target == "openvino" and cpu_has_bf16():  # the cache an int8 IR computes partly in f32
+                        out.append(Setup(f"{target} {name} ({w}, bf16 KV)", str(b.path), target,
+                                         {"weights": w, "kv_precision": "bf16"}, qvit, prec, None))
     out = [v for s in out for v in ([s] if s.backend != "onnxruntime" else
                                     [_with_spinning(s, spin, len(ort_spinning) > 1) for spin in ort_spinning])]
     if ov_properties:

@@ -47,6 +47,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ov-property", type=key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="an OpenVINO property for every compiled model (--backend openvino; repeatable), e.g. "
                         "CPU_RUNTIME_CACHE_CAPACITY=0: less memory, some latency")
+    p.add_argument("--kv-precision", choices=("auto", "f32", "bf16", "f16"), default="auto",
+                   help="--backend openvino: the KV cache's type between levels (default auto: the models' inference "
+                        "precision); bf16 halves the cache an int8 bundle's levels read and write, rounding its "
+                        "values (faster batches; see README)")
     p.add_argument("--weights", choices=WEIGHTS, default="auto",
                    help="how onnxruntime/openvino hold the graphs: auto (default: the split graphs when the bundle has "
                         "them, one body for every level, the weights once in memory), split, or levels (one session "
@@ -84,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.backend != "openvino":
                 raise ValueError("--ov-property needs --backend openvino")
             options["properties"] = dict(args.ov_property)
+        if args.kv_precision != "auto":
+            if args.backend != "openvino":
+                raise ValueError("--kv-precision needs --backend openvino")
+            options["kv_precision"] = args.kv_precision
         if args.weights != "auto":
             if args.backend == "tensorrt":
                 raise ValueError("--weights applies to --backend onnxruntime or openvino")

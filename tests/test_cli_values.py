@@ -55,6 +55,8 @@ CASES = [
     (_classify, [BUNDLE, IMAGES, "--ov-property", "CPU_RUNTIME_CACHE_CAPACITY"], "--ov-property"),
     (_classify, [BUNDLE, IMAGES, "--ov-property", "CPU_RUNTIME_CACHE_CAPACITY=0"], "needs --backend openvino"),
     (_classify, [BUNDLE, IMAGES, "--backend", "openvino", "--ov-property", "NOT_A_PROPERTY=1"], "cannot compile"),
+    (_classify, [BUNDLE, IMAGES, "--kv-precision", "bf16"], "--kv-precision needs --backend openvino"),
+    (_classify, [BUNDLE, IMAGES, "--kv-precision", "int4"], "--kv-precision"),
     (_gate, [BUNDLE, "--data", IMAGES, "--batch-size", "0"], "--batch-size"),
     (_gate, [BUNDLE, "--data", IMAGES, "--limit", "0"], "--limit"),
     (_gate, [BUNDLE, "--data", IMAGES, "--holdout", "1"], "--holdout"),

@@ -150,3 +150,33 @@ def test_openvino_holds_the_cache_in_its_inference_precision(tiny_bundle, weight
         values = np.array([1 + 2 ** -8, 1 + 3 * 2 ** -8, 1 + 2 ** -8 + 2 ** -12, -2.5], np.float32)
         rounded = backend_module.as_float32(half._kv_tensor(values))
         np.testing.assert_array_equal(rounded, np.array([1.0, 1 + 2 ** -6, 1 + 2 ** -7, -2.5], np.float32))
+
+
+def test_openvino_kv_precision_is_a_choice(tiny_bundle):
+    """kv_precision: f32 pins an f32 cache even at bf16; bf16 asks for a bf16 cache where the models compute in f32
+    (the cache's values rounded: embeddings close to an f32 cache's, not equal); bad values and a device without the
+    type are refused in one line."""
+    ov = pytest.importorskip("openvino")
+    from runtime.backends import BackendError
+    from runtime.backends.openvino import OpenVINOBackend
+    from runtime.preprocess import preprocess
+
+    bundle = load_bundle(tiny_bundle)
+    with pytest.raises(BackendError, match="kv_precision 'int4': choose from auto, f32, bf16, f16"):
+        OpenVINOBackend(bundle, kv_precision="int4")
+    assert OpenVINOBackend(bundle, inference_precision="bf16", kv_precision="f32").kv_type == ov.Type.f32
+    if "BF16" not in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        with pytest.raises(BackendError, match="has no BF16"):
+            OpenVINOBackend(bundle, kv_precision="bf16")
+        return
+    half, wide = OpenVINOBackend(bundle, kv_precision="bf16"), OpenVINOBackend(bundle)
+    assert (half.kv_type, wide.kv_type) == (ov.Type.bf16, ov.Type.f32)
+    patches = preprocess(IMAGES[:4], bundle.preprocessing)
+    past_h = past_w = None
+    for k in range(4):
+        emb_h, past_h = half.run_level(k, patches[k], past_h)
+        emb_w, past_w = wide.run_level(k, patches[k], past_w)
+        assert {t.get_element_type() for t in past_h} == {ov.Type.bf16}
+        cos = (emb_h * emb_w).sum(1) / np.linalg.norm(emb_h, axis=1) / np.linalg.norm(emb_w, axis=1)
+        assert cos.min() > 0.999
+    assert np.abs(emb_h - emb_w).max() > 0  # level 3 read a rounded cache
