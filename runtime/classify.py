@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from runtime.backends import BACKENDS, BackendError
+from runtime.backends import BACKENDS, KV_PRECISIONS, BackendError
 from runtime.backends.ort import WEIGHTS
 from runtime.bundle import BundleError, load_bundle
 from runtime.cascade import Cascade, Result
@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ov-property", type=key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="an OpenVINO property for every compiled model (--backend openvino; repeatable), e.g. "
                         "CPU_RUNTIME_CACHE_CAPACITY=0: less memory, some latency")
-    p.add_argument("--kv-precision", choices=("auto", "f32", "bf16", "f16"), default="auto",
+    p.add_argument("--kv-precision", choices=KV_PRECISIONS, default="auto",
                    help="--backend openvino: the KV cache's type between levels (default auto: the models' inference "
                         "precision); bf16 halves the cache an int8 bundle's levels read and write, rounding its "
                         "values (faster batches; see README)")

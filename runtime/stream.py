@@ -130,13 +130,12 @@ class PooledCascade:
                 cache, kept, whole = present, go_on, len(go_on) == len(rows)
             else:  # copied now: the backend's next run may overwrite its outputs while the rows wait
                 cache, kept, whole = self.backend.take_rows(present, go_on), np.arange(len(go_on)), True
-            waiting = _Rows(rows.keys[go_on], [p[go_on] for p in rows.levels[1:]],
-                            None if rows.forced is None else rows.forced[go_on], [], cache, kept, whole)
-            self.queues[level + 1].append(waiting)
         ms = (time.perf_counter() - t0) * 1e3
         history = [h + [ms] for h in rows.level_ms]
         if len(go_on):
-            waiting.level_ms = [history[j] for j in go_on]
+            self.queues[level + 1].append(_Rows(rows.keys[go_on], [p[go_on] for p in rows.levels[1:]],
+                                                None if rows.forced is None else rows.forced[go_on],
+                                                [history[j] for j in go_on], cache, kept, whole))
         return [(int(rows.keys[j]), c._result(probs[j], float(margin[j]), level, history[j],
                                               emb[j] if self.keep_embeddings else None))
                 for j in np.flatnonzero(done)]

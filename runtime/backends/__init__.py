@@ -20,6 +20,9 @@ ONE_PASS = ("onnxruntime", "openvino")  # backends with run_full / load_full and
 EXTRA = {"onnxruntime": "runtime", "openvino": "openvino", "tensorrt": "tensorrt"}
 
 
+KV_PRECISIONS = ("auto", "f32", "bf16", "f16")  # the OpenVINO backend's kv_precision choices
+
+
 class BackendError(RuntimeError):
     """A backend that cannot be created or run; one-line message."""
 

@@ -5,14 +5,13 @@ import numpy as np
 import openvino as ov
 from openvino.preprocess import PrePostProcessor
 
-from runtime.backends import BackendError, check_kv_shapes, gather_numpy
+from runtime.backends import KV_PRECISIONS, BackendError, check_kv_shapes, gather_numpy
 from runtime.bundle import Bundle
 from runtime.errors import one_line
 
 
 WEIGHTS = ("auto", "levels", "split")
 HALF_TYPES = {"bf16": ov.Type.bf16, "f16": ov.Type.f16}
-KV_PRECISIONS = ("auto", "f32", "bf16", "f16")
 
 
 def kv_element_type(core: ov.Core, device: str, config: dict) -> ov.Type:
