@@ -1,5 +1,6 @@
-"""The distillation recipe's levers: dense targets, their mirror, the ONNX Runtime teacher pass, bf16, splits."""
+"""The distillation recipe's levers: dense targets, their mirror, the exported teacher pass, bf16, splits."""
 import csv
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -73,17 +74,31 @@ def images(noise_images):
     return noise_images
 
 
-def test_onnx_teacher_matches_torch():
+@pytest.mark.parametrize("backend", ["openvino", "onnxruntime"])
+def test_exported_teacher_matches_torch(backend):
+    pytest.importorskip(backend)
     teacher = load_teacher("efficientnet-lite0")
     rng = np.random.default_rng(0)
     pixels = teacher.preprocess([Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for _ in range(3)])
-    encode, backend = onnx_encoder(teacher, pixels[:2], threads=1)
-    assert backend == "onnxruntime"
-    emb, fmap = encode(pixels)
+    encode, ran = onnx_encoder(teacher, pixels[:2], threads=1, backend=backend)
+    assert ran == backend
+    emb, fmap = encode(pixels)  # another batch size than the parity sample's
     ref_emb, ref_map = teacher.encode_with_map(pixels)
     assert fmap.shape == (3, 320, 7, 7)
     assert torch.allclose(emb, ref_emb, atol=1e-3) and torch.allclose(fmap, ref_map, atol=1e-3)
+    again, _ = encode(pixels.flip(0))  # a later batch does not overwrite what an earlier one returned
+    assert torch.allclose(emb, ref_emb, atol=1e-3) and torch.allclose(again, ref_emb.flip(0), atol=1e-3)
     assert torch.allclose(ref_emb, teacher.encode_image(pixels), atol=1e-5)  # the map path's embedding is the same
+
+
+def test_teacher_backend_auto_prefers_openvino_and_torch_is_a_choice():
+    teacher = load_teacher("efficientnet-lite0")
+    pixels = teacher.preprocess([Image.fromarray(np.full((64, 64, 3), 90, np.uint8))] * 2)
+    _, ran = onnx_encoder(teacher, pixels, threads=1)
+    assert ran == ("openvino" if importlib.util.find_spec("openvino") else "onnxruntime")
+    assert onnx_encoder(teacher, pixels, threads=1, backend="torch")[1] == "torch"
+    with pytest.raises(ValueError, match="choose from"):
+        onnx_encoder(teacher, pixels, backend="tensorrt")
 
 
 def test_teacher_targets_cache_dense_maps_and_fall_back_to_torch(images, tmp_path):

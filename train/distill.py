@@ -48,6 +48,7 @@ from train.dense import DenseHead, channel_stats, mirror_grid
 from train.losses import distill_loss, label_loss, lr_at, self_distill_loss
 from train.mix import cutmix
 from train.teacher_cache import default_cache_dir, teacher_embeddings, teacher_targets, with_augmented_views
+from train.teacher_onnx import BACKENDS
 
 LR_SCRATCH, LR_VIT_INIT = 2e-3, 1e-4  # default peak learning rates
 LOSS_WINDOW = 50  # steps averaged into the reported final losses
@@ -121,6 +122,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--device", default="cpu", help="torch device for teacher and student")
     p.add_argument("--teacher-batch-size", type=int, default=64)
+    p.add_argument("--teacher-backend", choices=BACKENDS, default="auto",
+                   help="what runs a CPU teacher for the cache, after a parity check against torch (auto: OpenVINO "
+                        "when installed, then ONNX Runtime; both fp32, so the cache does not depend on it)")
     p.add_argument("--eval-data", help="held-out folder or CSV for per-level cosine and top-1")
     p.add_argument("--eval-split")
     p.add_argument("--eval-limit", type=int)
@@ -212,14 +216,15 @@ def run(args: argparse.Namespace, stop_after: int | None = None) -> dict:
     student_view = spec if args.teacher_view == "student" else None
     targets, tstats = teacher_targets(teacher, kept, cache_dir, flip=args.teacher_views == 2,
                                       dense_grid=cfg.grid,  # maps cached whatever the weight: one cache
-                                      batch_size=args.teacher_batch_size, student_view=student_view)
+                                      batch_size=args.teacher_batch_size, student_view=student_view,
+                                      backend=args.teacher_backend)
     _report_teacher(tstats, f"{args.teacher_views} view(s)")
     dense_stats = None if targets.dense is None else channel_stats(targets.dense)  # of the plain views, as before
     pixels, astats = None, None
     if args.aug_views:
         targets, pixels, astats = with_augmented_views(
             teacher, kept, targets, arrays, cache_dir, Augment(args.aug_views, args.seed, spec), dense_grid=cfg.grid,
-            batch_size=args.teacher_batch_size, student_view=student_view)
+            batch_size=args.teacher_batch_size, student_view=student_view, backend=args.teacher_backend)
         _report_teacher(astats, f"{args.aug_views} augmented view(s)")
     temb = targets.emb
     if args.dense_weight > 0 and targets.dense is None:
@@ -386,7 +391,8 @@ def evaluate_on(args: argparse.Namespace, model: WaveCLIP, teacher: Teacher, hea
     """Per-level cosine to the teacher and top-1 (student per level, teacher) on --eval-data."""
     spec = model.config.preprocessing_spec()
     arrays, kept, skipped = load_set(args.eval_data, args.eval_split, args.eval_limit, args.seed, spec, "eval-data")
-    temb, _ = teacher_embeddings(teacher, kept, cache_dir, flip=False, batch_size=args.teacher_batch_size)
+    temb, _ = teacher_embeddings(teacher, kept, cache_dir, flip=False, batch_size=args.teacher_batch_size,
+                                 backend=args.teacher_backend)
     rows = head_rows(labels, [r.label for r in kept])
     return {"source": str(args.eval_data), "split": args.eval_split, "skipped": skipped,
             **evaluate(model, arrays, temb[:, 0], head, rows, args.device)}

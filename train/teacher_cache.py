@@ -6,7 +6,7 @@ absent}, float16) + ``meta.json``. The key hashes the teacher spec, a fingerprin
 a differently seeded random teacher miss the cache), the image list (absolute paths, sizes, labels), the views and
 the dense grid (and, for augmented views, ``train.augment.Augment.describe``; for the student view, its spec); a
 second run, a resume, or an interrupted teacher pass picks up what is there and computes only the missing chunks.
-On a CPU the teacher runs in ONNX Runtime after a parity check (``train.teacher_onnx``).
+On a CPU the teacher runs in OpenVINO or ONNX Runtime after a parity check (``train.teacher_onnx``).
 """
 from __future__ import annotations
 
@@ -120,15 +120,15 @@ def _encode(teacher: Teacher, encoder: Encoder, records: Sequence[ImageRecord], 
 
 def teacher_targets(teacher: Teacher, records: Sequence[ImageRecord], cache_dir: str | os.PathLike, *,
                     flip: bool = True, dense_grid: int | None = None, key_extra: str = "", batch_size: int = 64,
-                    progress: bool = True, augment: Augment | None = None, student_view: dict | None = None
-                    ) -> tuple[TeacherTargets, dict]:
+                    progress: bool = True, augment: Augment | None = None, student_view: dict | None = None,
+                    backend: str = "auto") -> tuple[TeacherTargets, dict]:
     """Teacher targets (views: the image, then its mirror when ``flip``; or, with ``augment``, its augmented views
     and the student's pixels of each; dense maps pooled to ``dense_grid`` when given and the teacher has a map; with
     ``student_view`` (the student's preprocessing spec) the teacher sees the student's pixels of every view through
     ``Teacher.preprocess_square``, else the original file through ``Teacher.preprocess``) and
     stats: {"key", "images", "computed" (images run through the teacher now),
     "seconds", "images_per_s" (computed images, each with its views, per second; None when all came from the cache),
-    "backend"}."""
+    "backend" (what ran the teacher: ``backend`` asks, ``train.teacher_onnx.onnx_encoder``)}."""
     if augment is not None:
         flip, key_extra = False, f"{key_extra}|{augment.describe()}"
     if student_view is not None:
@@ -144,7 +144,7 @@ def teacher_targets(teacher: Teacher, records: Sequence[ImageRecord], cache_dir:
     size = augment.spec["image_size"] if augment is not None else None
     chunks, computed, seconds = [], 0, 0.0
     encoder: Encoder | None = None
-    backend = "cache"
+    ran = "cache"
     bar = tqdm(total=len(records), desc="teacher", unit="img", disable=not progress, mininterval=1.0)
     for start in range(0, len(records), CHUNK):
         part = records[start:start + CHUNK]
@@ -154,7 +154,7 @@ def teacher_targets(teacher: Teacher, records: Sequence[ImageRecord], cache_dir:
             t0 = time.perf_counter()
             if encoder is None:
                 sample = teacher_input(teacher, [load_image(r.path) for r in part[:2]], student_view)
-                encoder, backend = onnx_encoder(teacher, sample, torch.get_num_threads())
+                encoder, ran = onnx_encoder(teacher, sample, torch.get_num_threads(), backend)
             pieces = []
             for i in range(0, len(part), batch_size):
                 pieces.append(_encode(teacher, encoder, part[i:i + batch_size], views, dense_grid, augment,
@@ -174,13 +174,13 @@ def teacher_targets(teacher: Teacher, records: Sequence[ImageRecord], cache_dir:
         dense = torch.cat([c["dense"] for c in chunks])
     pixels = torch.cat([c["pixels"] for c in chunks]) if size and chunks else None
     stats = {"key": key, "images": len(records), "computed": computed, "seconds": round(seconds, 3),
-             "images_per_s": round(computed / seconds, 2) if computed else None, "backend": backend}
+             "images_per_s": round(computed / seconds, 2) if computed else None, "backend": ran}
     return TeacherTargets(emb, dense, pixels), stats
 
 
 def with_augmented_views(teacher: Teacher, records: Sequence[ImageRecord], plain: TeacherTargets, arrays: np.ndarray,
                          cache_dir: str | os.PathLike, augment: Augment, *, dense_grid: int | None, batch_size: int,
-                         student_view: dict | None) -> tuple[TeacherTargets, np.ndarray, dict]:
+                         student_view: dict | None, backend: str = "auto") -> tuple[TeacherTargets, np.ndarray, dict]:
     """``plain`` (one view per image) followed by ``augment``'s cached views: targets [N, 1 + K, ...], the student's
     pixels [N, 1 + K, S, S, 3] (view 0: ``arrays``, the plain images) and the augmented pass's stats (summed over the
     blocks; "key" lists each block's). The views are cached in blocks of ``VIEW_BLOCK`` (views 0-1, 2-3, ...), so
@@ -192,7 +192,7 @@ def with_augmented_views(teacher: Teacher, records: Sequence[ImageRecord], plain
         views = min(VIEW_BLOCK, augment.first + augment.views - first)
         targets, block_stats = teacher_targets(teacher, records, cache_dir, dense_grid=dense_grid,
                                                batch_size=batch_size, augment=augment.block(first, views),
-                                               student_view=student_view)
+                                               student_view=student_view, backend=backend)
         blocks.append(targets)
         stats.append(block_stats)
     pixels = np.concatenate([arrays[:, None]] + [b.pixels.numpy() for b in blocks], axis=1)
@@ -207,9 +207,9 @@ def with_augmented_views(teacher: Teacher, records: Sequence[ImageRecord], plain
 
 
 def teacher_embeddings(teacher: Teacher, records: Sequence[ImageRecord], cache_dir: str | os.PathLike, *,
-                       flip: bool = True, key_extra: str = "", batch_size: int = 64, progress: bool = True
-                       ) -> tuple[torch.Tensor, dict]:
+                       flip: bool = True, key_extra: str = "", batch_size: int = 64, progress: bool = True,
+                       backend: str = "auto") -> tuple[torch.Tensor, dict]:
     """Raw teacher embeddings [N, views, D] float16 and the stats of :func:`teacher_targets` (no dense maps)."""
     targets, stats = teacher_targets(teacher, records, cache_dir, flip=flip, key_extra=key_extra,
-                                     batch_size=batch_size, progress=progress)
+                                     batch_size=batch_size, progress=progress, backend=backend)
     return targets.emb, stats
