@@ -98,4 +98,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from cli_errors import run_main
+
+    sys.exit(run_main(main))

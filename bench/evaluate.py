@@ -131,4 +131,6 @@ def render(out: dict, runs: dict[str, LevelStats]) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from cli_errors import run_main
+
+    sys.exit(run_main(main))
