@@ -76,6 +76,7 @@ def test_same_seed_same_weights_and_exact_resume(data, tmp_path):
     assert distill.main(argv(data, c, "--steps", "4", "--seed", "4")) == 0
     cache = [load_checkpoint(p)[1]["provenance"]["teacher_cache"] for p in (a, b, c)]
     assert cache[1]["key"] == cache[0]["key"] and cache[1]["computed"] == 0  # the second run reuses the cache
+    assert cache[0]["backend"] == "torch" and cache[1]["backend"] == "cache"  # what ran the teacher (open_clip: torch)
     assert cache[2]["key"] != cache[0]["key"]  # another seed: another random teacher
     sa, sb, sc = (load_checkpoint(p)[1]["state_dict"] for p in (a, b, c))
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
