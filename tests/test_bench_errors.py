@@ -28,7 +28,8 @@ CASES = {
 
 def test_every_bench_script_is_covered():
     scripts = {p.name for p in (ROOT / "bench").glob("*.py") if "run_main(main)" in p.read_text()}
-    assert scripts - {"bench_web.py", "demo_images.py"} == set(CASES)  # bench_web needs a browser; demo_images reads the shipped images
+    # bench_web needs a browser; demo_images reads the shipped images
+    assert scripts - {"bench_web.py", "demo_images.py"} == set(CASES)
 
 
 @pytest.mark.parametrize("script", sorted(CASES))

@@ -201,3 +201,19 @@ def test_recipe_stages_and_help(tmp_path):
     alone = subprocess.run([sys.executable, "-m", "train.recipe_demo", "--label-steps", "0", "--self-steps", "500"],
                            cwd=root, capture_output=True, text=True)  # the self stage starts from the label stage
     assert alone.returncode == 2 and alone.stderr.count("\n") == 1 and "--self-steps" in alone.stderr
+
+
+def test_bench_teacher_pass_compares_the_backends(tmp_path):
+    """bench/teacher_pass.py on the shipped images: one line per backend, what ran it, and targets that agree."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("openvino")
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(root / "bench" / "teacher_pass.py"), "--data",
+                          str(root / "examples" / "images"), "--limit", "3", "--rounds", "1"],
+                         capture_output=True, text=True, cwd=root, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = {line.split()[0]: line for line in out.stdout.splitlines()[1:]}
+    assert "(ran: onnxruntime)" in lines["onnxruntime"] and "(ran: openvino" in lines["openvino"]
+    assert float(lines["openvino"].rsplit(" ", 1)[1]) < 0.02  # fp16 cache rounding, not another target

@@ -51,6 +51,7 @@ from train.teacher_cache import default_cache_dir, teacher_embeddings, teacher_t
 from train.teacher_onnx import BACKENDS
 
 LR_SCRATCH, LR_VIT_INIT = 2e-3, 1e-4  # default peak learning rates
+CACHE_STATS = ("key", "computed", "seconds", "images_per_s", "backend")  # of a teacher pass, kept in the provenance
 LOSS_WINDOW = 50  # steps averaged into the reported final losses
 
 
@@ -284,12 +285,11 @@ def run(args: argparse.Namespace, stop_after: int | None = None) -> dict:
             "data": {"source": str(args.data), "split": args.split, "limit": args.limit, "images": n,
                      "skipped": n_skipped, "digest": digest},
             "labels": {"source": args.labels or "default", "count": len(labels)},
-            "teacher_cache": {k: tstats[k] for k in ("key", "computed", "seconds", "images_per_s", "backend")},
+            "teacher_cache": {k: tstats[k] for k in CACHE_STATS},
             "aug_views": args.aug_views, "cutmix": args.cutmix, "label_weight": args.label_weight,
             "self_weight": args.self_weight,
             "labelled": None if label_rows is None else int((label_rows >= 0).sum()),
-            "aug_cache": None if astats is None else {k: astats[k] for k in ("key", "computed", "seconds", "images_per_s",
-                                                                             "backend")},
+            "aug_cache": None if astats is None else {k: astats[k] for k in CACHE_STATS},
             "steps": step, "epochs": round(step * bsz / n, 3), "batch_size": bsz, "lr": args.lr,
             "weight_decay": args.weight_decay, "warmup": warmup, "kl_weight": args.kl_weight,
             "kl_head": args.kl_head, "temperature": args.temperature, "dense_weight": args.dense_weight,
