@@ -203,7 +203,7 @@ def test_recipe_stages_and_help(tmp_path):
     assert alone.returncode == 2 and alone.stderr.count("\n") == 1 and "--self-steps" in alone.stderr
 
 
-def test_bench_teacher_pass_compares_the_backends(tmp_path):
+def test_bench_teacher_pass_compares_the_backends():
     """bench/teacher_pass.py on the shipped images: one line per backend, what ran it, and targets that agree."""
     import subprocess
     import sys
