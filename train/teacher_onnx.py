@@ -10,6 +10,7 @@ ones and the cache key does not depend on the backend.
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import tempfile
 import warnings
@@ -68,14 +69,6 @@ def _openvino_runner(path: Path, threads: int | None) -> Callable[[np.ndarray], 
     return run
 
 
-def _available(name: str) -> bool:
-    try:
-        __import__(name)
-    except ImportError:
-        return False
-    return True
-
-
 def onnx_encoder(teacher: Teacher, sample: torch.Tensor, threads: int | None = None, backend: str = "auto"
                  ) -> tuple[Encoder, str]:
     """(an ``encode_with_map`` twin run by OpenVINO or ONNX Runtime, its name), or (the torch one, "torch") where that
@@ -90,7 +83,7 @@ def onnx_encoder(teacher: Teacher, sample: torch.Tensor, threads: int | None = N
         ref_emb, ref_map = teacher.encode_with_map(sample)
     if ref_map is None:
         return torch_encoder, "torch"
-    order = [b for b in ("openvino", "onnxruntime") if backend in ("auto", b) and _available(b)]
+    order = [b for b in ("openvino", "onnxruntime") if backend in ("auto", b) and importlib.util.find_spec(b)]
     with tempfile.TemporaryDirectory(prefix="waveclip-teacher-") as folder:
         path = Path(folder) / "teacher.onnx"
         try:
