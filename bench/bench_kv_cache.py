@@ -80,7 +80,7 @@ def bench(bundle_dir: Path, model: WaveCLIP, threads: int, runs: int, warmup: in
     for k in range(n):
         level_ms, full_ms = times[k], times[n + k]
         cascade_ms, no_cache_ms = sum(times[: k + 1]), sum(times[n: n + k + 1])
-        rows.append({"level": k, "tokens": (k + 1) * cfg.tokens_per_level, "gflops": cfg.level_gflops(k),
+        rows.append({"level": k, "tokens": cfg.past_length(k) + cfg.level_tokens(k), "gflops": cfg.level_gflops(k),
                      "cumulative_gflops": cfg.cumulative_gflops(k),
                      "level_ms": level_ms, "recompute_ms": full_ms, "level_over_recompute": level_ms / full_ms,
                      "cascade_ms": cascade_ms, "no_cache_cascade_ms": no_cache_ms,

@@ -141,7 +141,7 @@ def weight_bytes(path: Path) -> int:
 def kv_bytes(bundle: Bundle, level: int) -> int:
     """KV cache bytes a level reads (past) and writes (present = past + its own tokens), fp32."""
     kv = bundle.manifest["kv_cache"]
-    past, tokens = bundle.manifest["levels"][level]["past_length"], kv["tokens_per_level"]
+    past, tokens = bundle.manifest["levels"][level]["past_length"], bundle.manifest["levels"][level]["tokens"]
     per_token = 2 * kv["num_layers"] * kv["num_heads"] * kv["head_dim"] * 4
     return per_token * (past + past + tokens)
 
@@ -177,7 +177,7 @@ def roofline(bundle: Bundle, vit_path: Path, images: np.ndarray, threads: int, r
 
     int8 = bundle.manifest["precision"] == "int8"
     cfg = bundle.manifest["model"]
-    tokens = bundle.manifest["kv_cache"]["tokens_per_level"]
+    tokens = bundle.manifest["levels"][0]["tokens"]  # the MatMul shape of a level (level 0's, for uneven grids)
     with tempfile.TemporaryDirectory(prefix="roofline-") as tmp:
         scratch = Path(tmp)
         level, vit = matmul_rates([(tokens, cfg["width"]), (VIT_TOKENS, VIT_WIDTH)], int8, threads, 20 * rounds,

@@ -43,7 +43,7 @@ def full_entry(num_levels: int) -> dict:
 def export_full(model: WaveCLIP, num_levels: int, opset: int, batch: int = 2) -> onnx.ModelProto:
     """Trace the one-pass graph over levels 0..num_levels-1 (batch dynamic) with its weights in memory."""
     cfg = model.config
-    args = tuple(torch.randn(batch, cfg.patches_per_level, cfg.patch_dim(k)) for k in range(num_levels))
+    args = tuple(torch.randn(batch, cfg.level_patches(k), cfg.patch_dim(k)) for k in range(num_levels))
     return trace_proto(FullGraph(model, num_levels, every_level=True), args, "full", input_names(num_levels),
                        output_names(num_levels), opset)
 

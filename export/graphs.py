@@ -23,8 +23,9 @@ KINDS = ("key", "value")
 def level_io(config: WaveCLIPConfig, level: int) -> tuple[list[dict], list[dict]]:
     """Manifest entries (name, shape, dtype) of level ``level``'s graph inputs and outputs; "batch" is symbolic."""
     h, hd, past = config.heads, config.head_dim, config.past_length(level)
-    total = past + config.tokens_per_level
-    inputs = [{"name": "patches", "shape": ["batch", config.patches_per_level, config.patch_dim(level)], "dtype": "float32"}]
+    total = past + config.level_tokens(level)
+    inputs = [{"name": "patches", "shape": ["batch", config.level_patches(level), config.patch_dim(level)],
+               "dtype": "float32"}]
     if level:
         inputs += [{"name": PAST % (i, kind), "shape": ["batch", h, past, hd], "dtype": "float32"}
                    for i in range(config.layers) for kind in KINDS]
@@ -110,6 +111,6 @@ def export_full_graph(model: WaveCLIP, num_levels: int, path: str | os.PathLike,
     of the last level): the recompute baseline for benchmarks."""
     cfg = model.config
     names = [f"patches.{k}" for k in range(num_levels)]
-    args = tuple(torch.randn(1, cfg.patches_per_level, cfg.patch_dim(k)) for k in range(num_levels))
+    args = tuple(torch.randn(1, cfg.level_patches(k), cfg.patch_dim(k)) for k in range(num_levels))
     with torch.no_grad():
         _trace(FullGraph(model, num_levels).eval(), args, Path(path), names, ["embedding"], opset)

@@ -92,7 +92,7 @@ def build_manifest(cfg: WaveCLIPConfig, level_entries: list[dict], head: dict, p
         "model": cfg.to_dict(),
         "preprocessing": cfg.preprocessing_spec(),
         "kv_cache": {"num_layers": cfg.layers, "num_heads": cfg.heads, "head_dim": cfg.head_dim,
-                     "tokens_per_level": cfg.tokens_per_level,
+                     **({"tokens_per_level": cfg.tokens_per_level} if cfg.uniform else {}),
                      **{f"past_{kind}_pattern": PAST.replace("%s", kind) for kind in KINDS},
                      **{f"present_{kind}_pattern": PRESENT.replace("%s", kind) for kind in KINDS},
                      "layout": "batch,heads,length,head_dim"},
@@ -144,7 +144,7 @@ def export_bundle(ckpt_path: str | Path, out: str | Path, *, opset: int = DEFAUL
             del proto
             onnx.checker.check_model(str(tmp / name), full_check=True)
             entries.append({"level": k, "file": name, "past_length": cfg.past_length(k),
-                            "tokens": cfg.tokens_per_level, "gflops": round(cfg.level_gflops(k), 6),
+                            "tokens": cfg.level_tokens(k), "gflops": round(cfg.level_gflops(k), 6),
                             "cumulative_gflops": round(cfg.cumulative_gflops(k), 6),
                             "inputs": inputs, "outputs": outputs})
         split_info = _write_split(model, chosen, opset, weights, tmp) if split and not fp16 else None

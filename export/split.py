@@ -64,16 +64,19 @@ def kv_names(layers: int) -> tuple[list[str], list[str]]:
 
 def export_embed(model: WaveCLIP, level: int, opset: int, batch: int = 2) -> onnx.ModelProto:
     cfg = model.config
-    args = (torch.randn(batch, cfg.patches_per_level, cfg.patch_dim(level)),)
+    args = (torch.randn(batch, cfg.level_patches(level), cfg.patch_dim(level)),)
     return trace_proto(EmbedGraph(model, level), args, f"embed{level}", ["patches"], [TOKENS], opset)
 
 
 def export_body(model: WaveCLIP, opset: int, batch: int = 2) -> onnx.ModelProto:
     cfg = model.config
     past_names, present_names = kv_names(cfg.layers)
-    past = tuple(torch.randn(batch, cfg.heads, cfg.tokens_per_level, cfg.head_dim) for _ in past_names)
-    args = (torch.tensor(1, dtype=torch.int64), torch.randn(batch, cfg.tokens_per_level, cfg.width), *past)
+    t = cfg.level_tokens(0)
+    past = tuple(torch.randn(batch, cfg.heads, t, cfg.head_dim) for _ in past_names)
+    args = (torch.tensor(1, dtype=torch.int64), torch.randn(batch, cfg.level_tokens(1), cfg.width), *past)
     axes = {n: {0: "batch", 2: "past"} for n in past_names} | {n: {0: "batch", 2: "total"} for n in present_names}
+    if not cfg.uniform:  # the levels' token counts differ: the body takes any
+        axes[TOKENS] = {0: "batch", 1: "tokens"}
     return trace_proto(BodyGraph(model), args, "body", [LEVEL, TOKENS, *past_names], ["embedding", *present_names],
                        opset, axes, scalars=(LEVEL,))
 

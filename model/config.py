@@ -16,7 +16,9 @@ class WaveCLIPConfig:
 
     The image (``image_size`` square) goes to YCbCr and a ``dwt_levels``-scale Haar DWT. Inference level 0 is the
     coarse LL band; level k >= 1 adds the three detail bands of scale ``dwt_levels - k + 1``. Every level is cut into
-    the same ``grid x grid`` token grid (so each token covers the same image area) plus one CLS token.
+    the same ``grid x grid`` token grid (so each token covers the same image area) plus one CLS token, unless
+    ``level_grids`` gives each level its own grid: multiples of ``grid``, the coarsest, so that a finer level cuts its
+    bands into more, smaller tokens (more tokens where the detail is; ``grid`` stays the grid of the dense targets).
     """
 
     image_size: int = 224
@@ -28,6 +30,7 @@ class WaveCLIPConfig:
     mlp_ratio: float = 4.0
     embed_dim: int = 512
     patch_hidden: int = 0  # hidden width of a two-layer (GELU) patch embedding per level; 0: one linear layer
+    level_grids: tuple[int, ...] = ()  # a token grid per level (multiples of ``grid``); empty: ``grid`` everywhere
     channels: int = 3
     wavelet: str = "haar"
     name: str = "custom"
@@ -45,6 +48,18 @@ class WaveCLIPConfig:
             raise ValueError(f"patch_hidden must be an integer in 0..{_INT_LIMITS['width']}, got {self.patch_hidden!r}")
         if not isinstance(self.name, str):
             raise ValueError(f"name must be a string, got {self.name!r}")
+        if not isinstance(self.level_grids, (tuple, list)):
+            raise ValueError(f"level_grids must be a list of integers, got {self.level_grids!r}")
+        object.__setattr__(self, "level_grids", tuple(self.level_grids))  # JSON gives a list
+        if self.level_grids:
+            if len(self.level_grids) != self.dwt_levels + 1:
+                raise ValueError(f"level_grids needs one grid per level ({self.dwt_levels + 1}), got {list(self.level_grids)}")
+            for k, g in enumerate(self.level_grids):
+                if not isinstance(g, int) or isinstance(g, bool) or g < 1 or g % self.grid:
+                    raise ValueError(f"level_grids[{k}] = {g!r} must be a multiple of grid {self.grid}")
+                band = self.image_size >> (self.dwt_levels if k == 0 else self.dwt_levels - k + 1)
+                if band % g:
+                    raise ValueError(f"level_grids[{k}] = {g}: the level's {band}x{band} bands do not split into it")
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
         if self.image_size % (2 ** self.dwt_levels * self.grid):
@@ -64,13 +79,37 @@ class WaveCLIPConfig:
         return self.width // self.heads
 
     @property
+    def uniform(self) -> bool:
+        """Every level on the same token grid."""
+        return all(g == self.grid for g in self.level_grids)
+
+    @property
     def patches_per_level(self) -> int:
+        """Patches of every level (a uniform grid only: else ``level_patches``)."""
+        self._check_uniform()
         return self.grid * self.grid
 
     @property
     def tokens_per_level(self) -> int:
-        """Tokens each level adds to the sequence: its patches plus its CLS token."""
+        """Tokens each level adds to the sequence: its patches plus its CLS token (a uniform grid only: else
+        ``level_tokens``)."""
+        self._check_uniform()
         return self.patches_per_level + 1
+
+    def _check_uniform(self) -> None:
+        if not self.uniform:
+            raise ValueError(f"levels have grids {list(self.level_grids)}: ask per level")
+
+    def level_grid(self, level: int) -> int:
+        self._check_level(level)
+        return self.level_grids[level] if self.level_grids else self.grid
+
+    def level_patches(self, level: int) -> int:
+        return self.level_grid(level) ** 2
+
+    def level_tokens(self, level: int) -> int:
+        """Tokens level ``level`` adds to the sequence: its patches plus its CLS token."""
+        return self.level_patches(level) + 1
 
     def band_size(self, level: int) -> int:
         """Side of the wavelet band(s) that level ``level`` tokenizes."""
@@ -86,7 +125,7 @@ class WaveCLIPConfig:
         return [f"LH{scale}", f"HL{scale}", f"HH{scale}"]
 
     def patch_size(self, level: int) -> int:
-        return self.band_size(level) // self.grid
+        return self.band_size(level) // self.level_grid(level)
 
     def patch_dim(self, level: int) -> int:
         """Values per token at ``level``: channels x bands x patch_size**2."""
@@ -95,7 +134,7 @@ class WaveCLIPConfig:
     def past_length(self, level: int) -> int:
         """Cached tokens a level sees from the levels before it."""
         self._check_level(level)
-        return level * self.tokens_per_level
+        return sum(self.level_tokens(k) for k in range(level))
 
     def _check_level(self, level: int) -> None:
         if not 0 <= level < self.num_levels:
@@ -104,12 +143,12 @@ class WaveCLIPConfig:
     # --- cost ---------------------------------------------------------------------------------------------------
     def level_gflops(self, level: int) -> float:
         """GFLOPs (2 x multiply-adds) of running ``level`` alone with the KV cache of the levels before it."""
-        t, w = self.tokens_per_level, self.width
+        t, w = self.level_tokens(level), self.width
         s = self.past_length(level) + t
         mlp = int(w * self.mlp_ratio)
         per_layer = 2 * t * w * 3 * w + 2 * 2 * t * s * w + 2 * t * w * w + 2 * 2 * t * w * mlp
         d, h = self.patch_dim(level), self.patch_hidden
-        embed = 2 * self.patches_per_level * (d * h + h * w if h else d * w)
+        embed = 2 * self.level_patches(level) * (d * h + h * w if h else d * w)
         flops = embed + self.layers * per_layer + 2 * w * self.embed_dim
         return flops / 1e9
 
@@ -150,8 +189,9 @@ class WaveCLIPConfig:
                     "bands": self.band_names(k),
                     "band_size": self.band_size(k),
                     "patch_size": self.patch_size(k),
-                    "tokens": self.patches_per_level,
+                    "tokens": self.level_patches(k),
                     "values_per_token": self.patch_dim(k),
+                    **({"grid": self.level_grid(k)} if self.level_grids else {}),
                 }
                 for k in range(self.num_levels)
             ],

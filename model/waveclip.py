@@ -23,11 +23,11 @@ class Attention(nn.Module):
         self.out_proj = nn.Linear(width, width)
         nn.init.xavier_uniform_(self.in_proj_weight)
 
-    def forward(self, x: torch.Tensor, past: KV | None = None, mask: torch.Tensor | int | None = None
+    def forward(self, x: torch.Tensor, past: KV | None = None, mask: torch.Tensor | tuple[int, ...] | None = None
                 ) -> tuple[torch.Tensor, KV]:
-        """``mask``: a boolean [T, T] mask (True: may attend), or an int ``n``: block-causal over blocks of ``n``
-        tokens computed block by block (each block's queries against the keys up to its end: no masked scores, the
-        same result)."""
+        """``mask``: a boolean [T, T] mask (True: may attend), or the sizes of consecutive token blocks: block-causal
+        attention computed block by block (each block's queries against the keys up to its end: no masked scores,
+        the same result)."""
         w = self.in_proj_weight.shape[1]
         hd = w // self.heads
         y = F.linear(x, self.in_proj_weight, self.in_proj_bias)
@@ -40,10 +40,10 @@ class Attention(nn.Module):
             k = torch.cat([past[0], k], dim=2)
             v = torch.cat([past[1], v], dim=2)
         scale = 1.0 / math.sqrt(hd)
-        if isinstance(mask, int):
-            blocks = []
-            for i, qb in enumerate(q.split(mask, dim=2)):
-                e = (i + 1) * mask  # this block's queries see keys [0, e); the last block sees them all
+        if isinstance(mask, tuple):
+            blocks, e = [], 0
+            for qb in q.split(list(mask), dim=2):
+                e += qb.shape[2]  # this block's queries see keys [0, e); the last block sees them all
                 kb, vb = (k, v) if e >= k.shape[2] else (k[:, :, :e], v[:, :, :e])
                 blocks.append(torch.matmul((torch.matmul(qb, kb.transpose(-2, -1)) * scale).softmax(dim=-1), vb))
             out = torch.cat(blocks, dim=2)
@@ -76,7 +76,7 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(width)
         self.mlp = MLP(width, int(width * mlp_ratio))
 
-    def forward(self, x: torch.Tensor, past: KV | None = None, mask: torch.Tensor | int | None = None
+    def forward(self, x: torch.Tensor, past: KV | None = None, mask: torch.Tensor | tuple[int, ...] | None = None
                 ) -> tuple[torch.Tensor, KV]:
         a, present = self.attn(self.ln_1(x), past, mask)
         x = x + a
@@ -118,7 +118,10 @@ class WaveCLIP(nn.Module):
             self.register_buffer(f"patch_scale_{k}", torch.ones(config.patch_dim(k)))
         self.cls_token = nn.Parameter(torch.randn(n, w) * 0.02)
         self.level_embed = nn.Parameter(torch.randn(n, w) * 0.02)
-        self.pos_embed = nn.Parameter(torch.randn(config.patches_per_level, w) * 0.02)
+        self.pos_embed = nn.Parameter(torch.randn(config.grid ** 2, w) * 0.02)
+        # levels on a finer grid (config.level_grids) have position embeddings of their own, one per grid
+        finer = sorted({config.level_grid(k) for k in range(n)} - {config.grid})
+        self.pos_embed_grid = nn.ParameterDict({str(g): nn.Parameter(torch.randn(g * g, w) * 0.02) for g in finer})
         self.cls_pos_embed = nn.Parameter(torch.zeros(w))
         self.ln_pre = nn.LayerNorm(w)
         self.blocks = nn.ModuleList(Block(w, config.heads, config.mlp_ratio) for _ in range(config.layers))
@@ -134,9 +137,14 @@ class WaveCLIP(nn.Module):
     def embed_level(self, level: int, patches: torch.Tensor) -> torch.Tensor:
         """Tokens of one level: [batch, 1 + grid*grid, width] (CLS first), before ``ln_pre``."""
         patches = (patches - getattr(self, f"patch_shift_{level}")) * getattr(self, f"patch_scale_{level}")
-        x = self.patch_embed[level](patches) + self.pos_embed
+        x = self.patch_embed[level](patches) + self.position_embedding(level)
         cls = (self.cls_token[level] + self.cls_pos_embed).expand(x.shape[0], 1, -1)
         return torch.cat([cls, x], dim=1) + self.level_embed[level]
+
+    def position_embedding(self, level: int) -> torch.Tensor:
+        """[grid*grid, width] of level ``level``'s grid."""
+        g = self.config.level_grid(level)
+        return self.pos_embed if g == self.config.grid else self.pos_embed_grid[str(g)]
 
     def head(self, level: int, cls: torch.Tensor) -> torch.Tensor:
         """CLS state of a level -> its L2-normalised embedding."""
@@ -146,8 +154,8 @@ class WaveCLIP(nn.Module):
                       ) -> tuple[torch.Tensor, list[KV]]:
         """Run one level on top of the cache of the levels before it.
 
-        ``past``: per layer (key, value) of shape [batch, heads, past_len, head_dim] with past_len = level * tokens
-        (None for level 0). Returns the level's embedding [batch, embed_dim] and the updated cache (past + this level).
+        ``past``: per layer (key, value) of shape [batch, heads, past_len, head_dim] with past_len the tokens of the
+        levels before (``config.past_length``; None for level 0). Returns the level's embedding [batch, embed_dim] and the updated cache (past + this level).
         """
         expected = self.config.past_length(level)
         got = 0 if past is None else past[0][0].shape[2]
@@ -162,24 +170,30 @@ class WaveCLIP(nn.Module):
 
     def block_causal_mask(self, num_levels: int, device: torch.device | None = None) -> torch.Tensor:
         """Boolean [S, S] mask, True where attention is allowed: level of key <= level of query."""
-        level = torch.arange(num_levels, device=device).repeat_interleave(self.config.tokens_per_level)
+        sizes = torch.tensor(self.level_sizes(num_levels), device=device)
+        level = torch.arange(num_levels, device=device).repeat_interleave(sizes)
         return level[None, :] <= level[:, None]
+
+    def level_sizes(self, num_levels: int) -> tuple[int, ...]:
+        """Tokens of levels 0..num_levels-1 in the sequence."""
+        return tuple(self.config.level_tokens(k) for k in range(num_levels))
 
     def forward(self, patches: list[torch.Tensor], return_tokens: bool = False, blockwise: bool = False
                 ) -> list[torch.Tensor] | tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Full masked forward over levels 0..len(patches)-1 -> one embedding per level; with ``return_tokens`` also
-        each level's final patch-token states [batch, grid*grid, width] (for dense distillation). ``blockwise``:
+        each level's final patch-token states [batch, its grid*grid, width] (for dense distillation). ``blockwise``:
         attention level by level (each level's queries against the keys of levels <= it) instead of one masked
         matrix: the same result without masked scores (the exported one-pass graph; see Attention)."""
         n = len(patches)
         x = self.ln_pre(torch.cat([self.embed_level(k, p) for k, p in enumerate(patches)], dim=1))
-        mask = self.config.tokens_per_level if blockwise else self.block_causal_mask(n, x.device)
+        sizes = self.level_sizes(n)
+        mask = sizes if blockwise else self.block_causal_mask(n, x.device)
         for block in self.blocks:
             x, _ = block(x, mask=mask)
-        t = self.config.tokens_per_level
-        embeddings = [self.head(k, x[:, k * t]) for k in range(n)]
+        starts = [sum(sizes[:k]) for k in range(n)]
+        embeddings = [self.head(k, x[:, s]) for k, s in enumerate(starts)]
         if return_tokens:
-            return embeddings, [x[:, k * t + 1:(k + 1) * t] for k in range(n)]
+            return embeddings, [x[:, s + 1:s + t] for s, t in zip(starts, sizes)]
         return embeddings
 
     def forward_cascade(self, patches: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -203,10 +217,11 @@ class WaveCLIP(nn.Module):
         for block, state in zip(self.blocks, vit["blocks"]):
             block.load_state_dict({k: v for k, v in state.items() if not k.startswith("ls_")}, strict=True)
         pos = vit["positional_embedding"]
-        g_src, g = vit["grid"], self.config.grid
+        g_src = vit["grid"]
         grid_pos = pos[1:].reshape(1, g_src, g_src, w).permute(0, 3, 1, 2)
-        grid_pos = F.interpolate(grid_pos, size=(g, g), mode="bicubic", align_corners=False)
-        self.pos_embed.copy_(grid_pos.permute(0, 2, 3, 1).reshape(g * g, w))
+        for g, param in [(self.config.grid, self.pos_embed), *((int(k), v) for k, v in self.pos_embed_grid.items())]:
+            resampled = F.interpolate(grid_pos, size=(g, g), mode="bicubic", align_corners=False)
+            param.copy_(resampled.permute(0, 2, 3, 1).reshape(g * g, w))
         self.cls_pos_embed.copy_(pos[0])
         self.cls_token.copy_(vit["class_embedding"].expand_as(self.cls_token))
         if "ln_pre" in vit:

@@ -128,8 +128,8 @@ def check_manifest(manifest: Any, where: str = "manifest.json") -> None:
     f.string(manifest, "name", required=False)
     model = _check_model(f, manifest)
     pre_levels = _check_preprocessing(f, manifest, model)
-    tokens = _check_kv_cache(f, manifest, model)
-    levels = _check_levels(f, manifest, model, pre_levels, tokens)
+    _check_kv_cache(f, manifest, model)
+    levels = _check_levels(f, manifest, model, pre_levels)
     _check_head(f, manifest, model)
     gate = f.obj(manifest, "gate")
     f.string(gate, "metric", "gate.", choices=("softmax_margin",))
@@ -183,7 +183,22 @@ def _check_model(f: _Fields, manifest: dict) -> dict:
     step = 2 ** model["dwt_levels"] * model["grid"]
     if model["image_size"] % step:
         f.fail("model.image_size", f"{model['image_size']} is not a multiple of 2**dwt_levels * grid = {step}")
+    grids = model.get("level_grids") or []
+    if not isinstance(grids, list):
+        f.fail("model.level_grids", f"expected an array, got {_show(grids)}")
+    if grids and len(grids) != model["dwt_levels"] + 1:
+        f.fail("model.level_grids", f"has {len(grids)} entries, expected dwt_levels + 1 = {model['dwt_levels'] + 1}")
+    for k, g in enumerate(grids):
+        band = model["image_size"] >> (model["dwt_levels"] if k == 0 else model["dwt_levels"] - k + 1)
+        if not _is_int(g) or g < 1 or g % model["grid"] or band % g:
+            f.fail(f"model.level_grids[{k}]", f"{_show(g)} must be a multiple of model.grid that divides the "
+                                              f"level's {band}-wide bands")
     return model
+
+
+def level_grid(model: dict, k: int) -> int:
+    """The token grid of level ``k`` of a (checked) manifest's model: its ``level_grids`` entry, else ``grid``."""
+    return model["level_grids"][k] if model.get("level_grids") else model["grid"]
 
 
 def _expected_level(model: dict, k: int) -> dict:
@@ -192,8 +207,8 @@ def _expected_level(model: dict, k: int) -> dict:
     scale = j if k == 0 else j - k + 1
     bands = [f"LL{j}"] if k == 0 else [f"LH{scale}", f"HL{scale}", f"HH{scale}"]
     band = model["image_size"] >> scale
-    patch = band // model["grid"]
-    return {"bands": bands, "band_size": band, "patch_size": patch, "tokens": model["grid"] ** 2,
+    patch = band // level_grid(model, k)
+    return {"bands": bands, "band_size": band, "patch_size": patch, "tokens": level_grid(model, k) ** 2,
             "values_per_token": 3 * len(bands) * patch * patch}
 
 
@@ -224,6 +239,7 @@ def _check_preprocessing(f: _Fields, manifest: dict, model: dict) -> list[dict]:
             f.fail(q + ".bands", f"is {_show(lv['bands'])}, expected {want['bands']} (from the model config)")
         for key in ("band_size", "patch_size", "tokens", "values_per_token"):
             f.integer(lv, key, q + ".", equal=want[key])
+        f.integer(lv, "grid", q + ".", equal=level_grid(model, k), required=bool(model.get("level_grids")))
     return levels
 
 
@@ -234,18 +250,23 @@ def _pattern(f: _Fields, kv: dict, key: str) -> str:
     return value
 
 
-def _check_kv_cache(f: _Fields, manifest: dict, model: dict) -> int:
+def _check_kv_cache(f: _Fields, manifest: dict, model: dict) -> None:
+    """``tokens_per_level``: required where every level has the same grid, absent where they differ (each level's
+    ``tokens`` and ``past_length`` say it)."""
     kv, p = f.obj(manifest, "kv_cache"), "kv_cache."
     f.integer(kv, "num_layers", p, equal=model["layers"])
     f.integer(kv, "num_heads", p, equal=model["heads"])
     f.integer(kv, "head_dim", p, equal=model["width"] // model["heads"])
-    tokens = f.integer(kv, "tokens_per_level", p, equal=model["grid"] ** 2 + 1)
+    uniform = len({level_grid(model, k) for k in range(model["dwt_levels"] + 1)}) == 1
+    if uniform:
+        f.integer(kv, "tokens_per_level", p, equal=model["grid"] ** 2 + 1)
+    elif "tokens_per_level" in kv:
+        f.fail(p + "tokens_per_level", "must be absent where the levels' grids differ (model.level_grids)")
     f.string(kv, "layout", p, choices=("batch,heads,length,head_dim",))
     patterns = {key: _pattern(f, kv, key) for key in
                 (f"{w}_{kind}_pattern" for w in ("past", "present") for kind in KV_KINDS)}
     if len({v % 0 for v in patterns.values()}) != len(patterns):
         f.fail(p + "past_key_pattern", "the four KV name patterns must give four different names")
-    return tokens
 
 
 def _tensors(f: _Fields, lv: dict, key: str, prefix: str, expected: dict[str, list]) -> None:
@@ -273,7 +294,7 @@ def _tensors(f: _Fields, lv: dict, key: str, prefix: str, expected: dict[str, li
         f.fail(prefix + key, f"lacks {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
 
 
-def _check_levels(f: _Fields, manifest: dict, model: dict, pre_levels: list[dict], tokens: int) -> list:
+def _check_levels(f: _Fields, manifest: dict, model: dict, pre_levels: list[dict]) -> list:
     levels, kv = f.array(manifest, "levels"), manifest["kv_cache"]
     if not 1 <= len(levels) <= len(pre_levels):
         f.fail("levels", f"has {len(levels)} entries, expected 1..{len(pre_levels)} (a prefix of the levels)")
@@ -284,7 +305,8 @@ def _check_levels(f: _Fields, manifest: dict, model: dict, pre_levels: list[dict
             f.fail(p[:-1], f"expected an object, got {_show(lv)}")
         f.integer(lv, "level", p, equal=k)
         f.path(lv, "file", p)
-        past = f.integer(lv, "past_length", p, equal=k * tokens)
+        tokens = level_grid(model, k) ** 2 + 1
+        past = f.integer(lv, "past_length", p, equal=sum(level_grid(model, j) ** 2 + 1 for j in range(k)))
         f.integer(lv, "tokens", p, equal=tokens)
         gflops = f.number(lv, "gflops", p, minimum=0)
         cumulative = f.number(lv, "cumulative_gflops", p, minimum=0)

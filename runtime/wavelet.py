@@ -100,7 +100,8 @@ def patchify(band: np.ndarray, grid: int) -> np.ndarray:
 def images_to_levels(rgb: np.ndarray, spec: dict) -> list[np.ndarray]:
     """Square RGB images [B, S, S, 3] (0..255) -> per-level patches ``[B, grid*grid, values_per_token]`` float32.
 
-    ``spec`` is the preprocessing spec of a config or a bundle manifest (``WaveCLIPConfig.preprocessing_spec()``).
+    ``spec`` is the preprocessing spec of a config or a bundle manifest (``WaveCLIPConfig.preprocessing_spec()``); a
+    level's own ``grid`` (a model with ``level_grids``) overrides the spec's.
     """
     rgb = np.asarray(rgb)
     if rgb.ndim == 3:
@@ -111,7 +112,5 @@ def images_to_levels(rgb: np.ndarray, spec: dict) -> list[np.ndarray]:
     norm = spec["normalize"]
     ycc = rgb_to_ycbcr(rgb, norm["scale"], norm["offset"])
     bands = wavedec2(ycc, spec["dwt_levels"])
-    grid = spec["grid"]
-    out = [patchify(bands[0][:, :, None], grid)]
-    out += [patchify(det, grid) for det in bands[1:]]
-    return out
+    grids = [level.get("grid", spec["grid"]) for level in spec["levels"]]
+    return [patchify(band if k else band[:, :, None], g) for k, (band, g) in enumerate(zip(bands, grids))]

@@ -295,3 +295,56 @@ def test_validation_images_are_capped(tmp_path, tiny_checkpoint, capsys):
         export_cli.main([str(tiny_checkpoint), "-o", str(tmp_path / "b2"), "--max-images", "0"])
     assert bad.value.code == 2
     assert "--max-images" in capsys.readouterr().err
+
+
+def test_level_grids_export_and_run_everywhere(tmp_path):
+    """A model whose finest level has its own (finer) grid exports, validates every graph (levels, split body with
+    its varying token count, one pass) against torch, and runs from the manifest alone in every CPU backend."""
+    from runtime.bundle import BundleError
+    from runtime.cascade import Cascade
+    from runtime.manifest_check import check_manifest
+
+    torch.manual_seed(0)
+    cfg = get_preset("waveclip-tiny", level_grids=[4, 4, 4, 8])
+    head = {"class_names": [f"class {i}" for i in range(4)], "labels": [f"n{i:08d}" for i in range(4)],
+            "weight": torch.nn.functional.normalize(torch.randn(4, cfg.embed_dim), dim=-1), "bias": torch.zeros(4),
+            "logit_scale": 100.0}
+    model = WaveCLIP(cfg).eval()
+    save_checkpoint(tmp_path / "c.pt", model, head, teacher="random-init")
+    assert export(tmp_path / "c.pt", tmp_path / "bundle") == 0
+    report = json.loads((tmp_path / "bundle" / "validation.json").read_text())
+    assert report["passed"] and report["split"]["passed"] and report["full"]["passed"]
+    manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
+    validate_manifest(manifest)
+    assert "tokens_per_level" not in manifest["kv_cache"]
+    assert [lv["tokens"] for lv in manifest["levels"]] == [17, 17, 17, 65]
+    assert [lv["grid"] for lv in manifest["preprocessing"]["levels"]] == [4, 4, 4, 8]
+
+    rgb = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3)).astype(np.uint8)
+    levels = images_to_levels(rgb, manifest["preprocessing"])
+    with torch.no_grad():
+        ref = [e.numpy() for e in model([torch.from_numpy(p) for p in levels])]
+    bundle = load_bundle(tmp_path / "bundle")
+    for backend, weights in [("onnxruntime", "levels"), ("onnxruntime", "split"), ("openvino", "split")]:
+        if backend == "openvino":
+            pytest.importorskip("openvino")
+        cascade = Cascade(bundle, backend=backend, one_pass=False, weights=weights)
+        got = cascade.classify_levels(levels, keep_embeddings=True, exit_levels=[1, 3])  # rows part at level 1
+        assert [r.exit_level for r in got] == [1, 3]
+        assert np.abs(got[0].embedding - ref[1][0]).max() <= 1e-4 and np.abs(got[1].embedding - ref[3][1]).max() <= 1e-4
+        assert np.abs(np.stack(cascade.run_all_levels(levels)) - np.stack(ref)).max() <= 1e-4, (backend, weights)
+        one_pass = Cascade(bundle, backend=backend, thresholds=1.01, weights=weights)
+        assert one_pass.all_levels_in_one_pass
+        assert np.abs(np.stack(one_pass.run_all_levels(levels)) - np.stack(ref)).max() <= 1e-4, (backend, weights)
+
+    check_manifest(manifest, "m")
+    for part, key, value, match in [("kv_cache", "tokens_per_level", 17, "must be absent"),
+                                    ("model", "level_grids", [4, 4, 4, 6], r"level_grids\[3\]")]:
+        broken = json.loads(json.dumps(manifest))
+        broken[part][key] = value
+        with pytest.raises(BundleError, match=match):
+            check_manifest(broken, "m")
+    broken = json.loads(json.dumps(manifest))
+    broken["preprocessing"]["levels"][3]["grid"] = 4
+    with pytest.raises(BundleError, match=r"levels\[3\].grid"):
+        check_manifest(broken, "m")

@@ -173,3 +173,41 @@ def test_two_layer_patch_embedding(tmp_path):
         assert torch.equal(model(patches)[3], loaded(patches)[3])
     with pytest.raises(ValueError, match="patch_hidden"):
         cfg.replace(patch_hidden=-1)
+
+
+def level_patches(cfg, batch=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, cfg.level_patches(k), cfg.patch_dim(k), generator=g) for k in range(cfg.num_levels)]
+
+
+def test_level_grids_layout():
+    """A finer grid at the finest level: 64 tokens of 4x4 patches there, 16 elsewhere; the cache and the cost follow."""
+    cfg = get_preset("waveclip-tiny", level_grids=[4, 4, 4, 8])
+    assert cfg.level_grids == (4, 4, 4, 8) and not cfg.uniform
+    assert [cfg.level_tokens(k) for k in range(4)] == [17, 17, 17, 65]
+    assert [cfg.past_length(k) for k in range(4)] == [0, 17, 34, 51]
+    assert [cfg.patch_dim(k) for k in range(4)] == [12, 36, 144, 144]
+    assert [lv["tokens"] for lv in cfg.preprocessing_spec()["levels"]] == [16, 16, 16, 64]
+    assert cfg.level_gflops(3) > 3 * cfg.level_gflops(2)
+    assert get_preset("waveclip-tiny", level_grids=[4, 4, 4, 4]).uniform
+    with pytest.raises(ValueError, match="ask per level"):
+        cfg.tokens_per_level
+    for bad, match in [([4, 4, 8], "one grid per level"), ([4, 4, 4, 6], "multiple of grid"),
+                       ([16, 4, 4, 4], "do not split"), ([4, 4, 4, "8"], "multiple of grid")]:
+        with pytest.raises(ValueError, match=match):
+            get_preset("waveclip-tiny", level_grids=bad)
+
+
+def test_level_grids_cached_levels_equal_full_forward():
+    torch.manual_seed(0)
+    cfg = get_preset("waveclip-tiny", level_grids=[4, 4, 8, 8])
+    model = WaveCLIP(cfg).eval()
+    patches = level_patches(cfg)
+    with torch.no_grad():
+        full, tokens = model(patches, return_tokens=True)
+        cascade = model.forward_cascade(patches)
+        blockwise = model(patches, blockwise=True)
+    assert [t.shape[1] for t in tokens] == [16, 16, 64, 64]
+    for a, b, c in zip(full, cascade, blockwise):
+        assert (a - b).abs().max().item() <= 1e-5 and (c - b).abs().max().item() <= 1e-5
+    assert set(dict(model.named_parameters())) >= {"pos_embed", "pos_embed_grid.8"}

@@ -258,3 +258,28 @@ def test_smoke_distillation_from_efficientnet_improves_level3_cosine(data_dir, t
         cosines[name] = torch.nn.functional.cosine_similarity(level3, target[:, 0].float(), dim=-1).mean().item()
     print(f"held-out level-3 cosine to the teacher: {cosines}")
     assert cosines["trained"] > cosines["init"] + 0.1, cosines
+
+
+def test_init_regrids_a_level(data, tmp_path):
+    """--init with --level-grids: the levels whose grid changes get a new tokenizer (patch embedding, statistics from
+    the data) and the new grid a position embedding resampled from the checkpoint's; every other weight is the
+    checkpoint's, so the levels before the first changed one answer exactly as before (attention is causal)."""
+    import torch.nn.functional as F
+
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    assert distill.main(argv(data, a, "--steps", "2")) == 0
+    assert distill.main(argv(data, b, "--steps", "1", "--init", str(a), "--lr", "0", "--level-grids", "4,4,4,8")) == 0
+    (old, _), (new, ckpt) = load_checkpoint(a), load_checkpoint(b)
+    assert new.config.level_grids == (4, 4, 4, 8) and tuple(ckpt["config"]["level_grids"]) == (4, 4, 4, 8)
+    o, n = old.state_dict(), new.state_dict()
+    assert n["patch_embed.3.weight"].shape[1] == new.config.patch_dim(3) == 144
+    assert not torch.equal(n["patch_scale_3"], torch.ones(144))  # standardised by the data
+    base = o["pos_embed"].reshape(1, 4, 4, -1).permute(0, 3, 1, 2)
+    resampled = F.interpolate(base, size=(8, 8), mode="bicubic", align_corners=False)[0].permute(1, 2, 0)
+    assert torch.allclose(n["pos_embed_grid.8"], resampled.reshape(64, -1))
+    assert all(torch.equal(o[k], n[k]) for k in o if not k.startswith(("patch_embed.3.", "patch_shift_3",
+                                                                          "patch_scale_3")))
+    g = torch.Generator().manual_seed(0)
+    old_levels = [torch.randn(2, old.config.level_patches(k), old.config.patch_dim(k), generator=g) for k in range(3)]
+    with torch.no_grad():
+        assert all(torch.equal(x, y) for x, y in zip(old(old_levels), new(old_levels)))

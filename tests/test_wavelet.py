@@ -82,3 +82,21 @@ def test_image_to_array_resizes_and_crops():
     arr = image_to_array(im, spec)
     assert arr.shape == (224, 224, 3) and arr.dtype == np.uint8
     assert tuple(arr[100, 100]) == (10, 200, 30)
+
+
+def test_level_grids_cut_each_level_on_its_own_grid():
+    cfg = get_preset("waveclip-tiny", level_grids=[4, 4, 4, 8])
+    rgb = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3)).astype(np.uint8)
+    levels = images_to_levels(rgb, cfg.preprocessing_spec())
+    uniform = images_to_levels(rgb, get_preset("waveclip-tiny").preprocessing_spec())
+    assert [p.shape for p in levels] == [(2, 16, 12), (2, 16, 36), (2, 16, 144), (2, 64, 144)]
+    for a, b in zip(levels[:3], uniform[:3]):
+        assert np.array_equal(a, b)
+    # the same coefficients cut into 64 tokens of 4x4 instead of 16 of 8x8: fine token (gy, gx) holds the quarter
+    # (gy % 2, gx % 2) of coarse token (gy // 2, gx // 2), for every channel and band
+    fine = levels[3].reshape(2, 8, 8, 3, 3, 4, 4)
+    coarse = uniform[3].reshape(2, 4, 4, 3, 3, 8, 8)
+    for gy in range(8):
+        for gx in range(8):
+            quarter = coarse[:, gy // 2, gx // 2, :, :, (gy % 2) * 4:(gy % 2) * 4 + 4, (gx % 2) * 4:(gx % 2) * 4 + 4]
+            assert np.array_equal(fine[:, gy, gx], quarter)

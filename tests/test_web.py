@@ -307,3 +307,25 @@ def test_page_in_headless_chromium(node, chromium, weight_only_bundle, tmp_path)
         page = out[name]
         assert page["state"] == "error" and words in page["message"], (name, page["message"])
         assert not page["result_visible"] and page["visible_text_chars"] > 200, name  # a message, never a blank page
+
+
+def test_js_runs_a_model_with_a_finer_last_level(node, tmp_path):
+    """A model whose finest level has its own grid (model.level_grids, each preprocessing level its ``grid``): the
+    JS patches and decisions match Python's, in both weights modes (the split body takes either token count)."""
+    import torch
+
+    from export.onnx import main as export
+    from model.checkpoint import save_checkpoint
+    from model.config import get_preset
+    from model.waveclip import WaveCLIP
+
+    torch.manual_seed(0)
+    cfg = get_preset("waveclip-tiny", level_grids=[4, 4, 4, 8])
+    head = {"class_names": [f"class {i}" for i in range(5)], "labels": [f"c{i}" for i in range(5)],
+            "weight": torch.nn.functional.normalize(torch.randn(5, cfg.embed_dim), dim=-1), "bias": torch.zeros(5),
+            "logit_scale": 100.0}
+    save_checkpoint(tmp_path / "c.pt", WaveCLIP(cfg).eval(), head, teacher="random-init")
+    bundle = tmp_path / "bundle"
+    assert export([str(tmp_path / "c.pt"), "-o", str(bundle), "-q", "--images", *map(str, EXAMPLES[:2])]) == 0
+    for weights in ("auto", "levels"):
+        check_parity(node, EXAMPLES, tmp_path / weights, bundle, weights)

@@ -1,7 +1,7 @@
 """Ablation of the distillation recipe: each lever switched on in turn, same data, steps, seed and held-out images.
 
     python -m train.ablation [--work out/demo-work] [--steps 300] [--eval-limit 1000]
-        [--variants baseline,kl1000,dense,dense_kl1000,native_view,default,patch_mlp,fp32]
+        [--variants baseline,kl1000,dense,dense_kl1000,native_view,default,patch_mlp,fine_grid,fp32]
 
 Runs ``train.distill`` once per variant on the demo recipe's distillation list (``train.recipe_demo`` writes it),
 evaluates per-level cosine and top-1 on 1,000 images (``--eval-limit``) of the held-apart ``calib`` split (never
@@ -33,6 +33,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "default": ("+ the teacher seeing the student's exact pixels (--teacher-view student; the default)", []),
     "patch_mlp": ("+ a two-layer patch embedding (Linear, GELU, Linear through 384 units) at every level",
                   ["--patch-hidden", "384"]),
+    "fine_grid": ("+ the finest level on an 8x8 grid (64 tokens of 144 values instead of 16 of 576; "
+                  "--level-grids 4,4,4,8)", ["--patch-hidden", "384", "--level-grids", "4,4,4,8"]),
     "fp32": ("the default in fp32 (speed reference)", ["--precision", "fp32"]),
 }
 

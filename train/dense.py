@@ -35,6 +35,16 @@ def mirror_grid(dense: torch.Tensor, grid: int) -> torch.Tensor:
     return dense.reshape(b, grid, grid, c).flip(2).reshape(b, p, c)
 
 
+def pool_grid(tokens: torch.Tensor, grid: int, to: int) -> torch.Tensor:
+    """[B, grid*grid, C] row-major -> [B, to*to, C]: each cell the mean of the finer cells it holds (``to`` divides
+    ``grid``): a finer level's predictions at the grid of the cached teacher maps, whose cells are such means too."""
+    if grid == to:
+        return tokens
+    b, _, c = tokens.shape
+    x = tokens.transpose(1, 2).reshape(b, c, grid, grid)
+    return F.avg_pool2d(x, grid // to).reshape(b, c, to * to).transpose(1, 2)
+
+
 def dense_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean over tokens of 1 - cos(pred, target); both [B, P, C]."""
     return (1.0 - F.cosine_similarity(pred.float(), target.float(), dim=-1)).mean()

@@ -44,7 +44,7 @@ from train.head import kl_head_for
 from train.setup import (DistillError, batch_at, choose_labels, init_from_checkpoint, init_student, level_weights,
                          load_set, param_groups, run_command, set_patch_stats, use_bf16)
 from train.augment import Augment
-from train.dense import DenseHead, channel_stats, mirror_grid
+from train.dense import DenseHead, channel_stats, mirror_grid, pool_grid
 from train.losses import distill_loss, label_loss, lr_at, self_distill_loss
 from train.mix import cutmix
 from train.teacher_cache import default_cache_dir, teacher_embeddings, teacher_targets, with_augmented_views
@@ -53,6 +53,17 @@ from train.teacher_onnx import BACKENDS
 LR_SCRATCH, LR_VIT_INIT = 2e-3, 1e-4  # default peak learning rates
 CACHE_STATS = ("key", "computed", "seconds", "images_per_s", "backend")  # of a teacher pass, kept in the provenance
 LOSS_WINDOW = 50  # steps averaged into the reported final losses
+
+
+def grid_list(text: str) -> tuple[int, ...]:
+    """``4,4,4,8`` -> (4, 4, 4, 8) (argparse type: a bad value is a one-line usage error)."""
+    try:
+        grids = tuple(int(g) for g in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated integers, one per level") from None
+    if min(grids) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: grids are positive")
+    return grids
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -107,6 +118,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "samples, with area-mixed teacher targets (train.mix; 0: off)")
     p.add_argument("--patch-hidden", type=int, metavar="H",
                    help="two-layer (GELU) patch embedding with H hidden units instead of the preset's (0: linear)")
+    p.add_argument("--level-grids", type=grid_list, metavar="G0,G1,...",
+                   help="a token grid per level, multiples of the preset's (e.g. 4,4,4,8: the finest level in 64 "
+                        "tokens instead of 16); default: the preset's grid at every level")
     p.add_argument("--no-patch-norm", dest="patch_norm", action="store_false",
                    help="do not standardise each level's patch values by the data's statistics")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
@@ -170,6 +184,8 @@ def run(args: argparse.Namespace, stop_after: int | None = None) -> dict:
         base_cfg = get_preset(args.preset)
         if args.patch_hidden is not None:
             base_cfg = base_cfg.replace(patch_hidden=args.patch_hidden)
+        if args.level_grids:
+            base_cfg = base_cfg.replace(level_grids=args.level_grids)
     except ValueError as e:
         raise DistillError(str(e)) from None
     if args.eval_data:
@@ -195,7 +211,9 @@ def run(args: argparse.Namespace, stop_after: int | None = None) -> dict:
     torch.manual_seed(args.seed)
     model, init = init_student(cfg, teacher, args.preset)
     if start is not None:
-        init = init_from_checkpoint(model, start, args.init, args.teacher, args.preset)
+        init, regrid = init_from_checkpoint(model, start, args.init, args.teacher, args.preset)
+        if regrid and args.patch_norm:
+            set_patch_stats(model, arrays, spec, levels=regrid)
     elif args.patch_norm and resume is None:
         set_patch_stats(model, arrays, spec)
     labels = choose_labels(args.labels, kept, str(args.data))
@@ -342,7 +360,8 @@ def run(args: argparse.Namespace, stop_after: int | None = None) -> dict:
                 group["lr"] = lr_at(step, total, args.lr, warmup)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 embs, tokens = model(patches, return_tokens=True)
-                dense_pred = None if dense_head is None else [dense_head(t) for t in tokens]
+                dense_pred = None if dense_head is None else [
+                    pool_grid(dense_head(t), cfg.level_grid(k), cfg.grid) for k, t in enumerate(tokens)]
             embs = [e.float() for e in embs]
             parts = distill_loss(embs, target, weights, kl_head.logits, args.kl_weight,
                                  args.temperature, dense_pred, dense_target, args.dense_weight)

@@ -8,6 +8,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from model.config import WaveCLIPConfig
 from model.checkpoint import CheckpointError
@@ -78,15 +79,37 @@ def init_student(cfg: WaveCLIPConfig, teacher: Teacher, preset: str) -> tuple[Wa
     return model, "scratch"
 
 
-def init_from_checkpoint(model: WaveCLIP, start: dict, path: Path, teacher: str, preset: str) -> str:
+def init_from_checkpoint(model: WaveCLIP, start: dict, path: Path, teacher: str, preset: str) -> tuple[str, list[int]]:
     """Load the student weights of ``start`` (``--init``, read from ``path``; patch statistics included) into
-    ``model``; returns the provenance's ``init``."""
+    ``model``; returns the provenance's ``init`` and the levels whose grid changed (``--level-grids``): those get a
+    new patch embedding and need their patch statistics from the data; a new grid's position embedding starts as
+    the checkpoint's resampled to it."""
     if start.get("teacher") != teacher or start["config"].get("name") != preset:
         raise DistillError(f"--init: {path} was trained with teacher {start.get('teacher')} and preset "
                            f"{start['config'].get('name')}, not {teacher} and {preset}")
     state = {k: v.float() if v.is_floating_point() else v for k, v in start["state_dict"].items()}
-    grow = not start["config"].get("patch_hidden") and model.config.patch_hidden  # linear -> two-layer embedding
-    for k in range(model.config.num_levels if grow else 0):
+    cfg = model.config
+    try:
+        old = WaveCLIPConfig.from_dict(start["config"])
+    except (TypeError, ValueError) as e:
+        raise DistillError(f"--init: {path} holds a config this version cannot read ({e})") from None
+    if old.grid != cfg.grid or old.num_levels != cfg.num_levels:
+        raise DistillError(f"--init: {path} has grid {old.grid} and {old.num_levels} levels, the student "
+                           f"{cfg.grid} and {cfg.num_levels}")
+    regrid = [k for k in range(cfg.num_levels) if old.level_grid(k) != cfg.level_grid(k)]
+    fresh = model.state_dict()
+    for k in regrid:  # a new tokenizer for these levels: the student's own initialisation
+        for name in [n for n in state if n.startswith((f"patch_embed.{k}.", f"patch_shift_{k}", f"patch_scale_{k}"))]:
+            state.pop(name)
+        state.update({n: t for n, t in fresh.items() if n.startswith((f"patch_embed.{k}.", f"patch_shift_{k}",
+                                                                        f"patch_scale_{k}"))})
+    for name in [n for n in fresh if n.startswith("pos_embed_grid.") and n not in state]:
+        g = int(name.rsplit(".", 1)[1])
+        base = state["pos_embed"].reshape(1, cfg.grid, cfg.grid, -1).permute(0, 3, 1, 2)
+        state[name] = F.interpolate(base, size=(g, g), mode="bicubic", align_corners=False)[0].permute(1, 2, 0
+                                                                                                      ).reshape(g * g, -1)
+    grow = not old.patch_hidden and cfg.patch_hidden  # linear -> two-layer embedding
+    for k in range(cfg.num_levels if grow else 0):
         weight, bias = state.pop(f"patch_embed.{k}.weight", None), state.pop(f"patch_embed.{k}.bias", None)
         if weight is not None and bias is not None:
             state.update({f"patch_embed.{k}.{n}": t for n, t in gelu_mlp_state(weight, bias).items()})
@@ -96,8 +119,9 @@ def init_from_checkpoint(model: WaveCLIP, start: dict, path: Path, teacher: str,
         raise DistillError(f"--init: {path} does not fit the student ({str(e).splitlines()[0][:160]})") from None
     steps = start.get("provenance", {}).get("steps")
     grown = " (its linear patch embeddings grown into two-layer ones, same function)" if grow else ""
-    print(f"initialised the student from {path} ({steps} steps){grown}", flush=True)
-    return f"checkpoint:{path.name}@{steps}"
+    regridded = f" (levels {regrid} on their new grids, with new patch embeddings)" if regrid else ""
+    print(f"initialised the student from {path} ({steps} steps){grown}{regridded}", flush=True)
+    return f"checkpoint:{path.name}@{steps}", regrid
 
 
 def level_weights(arg: str | None, levels: int) -> list[float]:
@@ -131,10 +155,14 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
-def set_patch_stats(model: WaveCLIP, arrays: np.ndarray, spec: dict, max_images: int = 4096) -> None:
-    """Per-level, per-value mean and std of the training patches (a spread of ``max_images``) into the model."""
+def set_patch_stats(model: WaveCLIP, arrays: np.ndarray, spec: dict, max_images: int = 4096,
+                    levels: list[int] | None = None) -> None:
+    """Per-level, per-value mean and std of the training patches (a spread of ``max_images``) into the model (of
+    ``levels`` only, when given)."""
     sample = arrays[:: max(1, len(arrays) // max_images)]
     for k, p in enumerate(images_to_levels(sample, spec)):
+        if levels is not None and k not in levels:
+            continue
         flat = torch.from_numpy(p.reshape(-1, p.shape[-1])).double()
         std = flat.std(0) if len(flat) > 1 else torch.ones(flat.shape[1], dtype=torch.float64)
         model.set_patch_stats(k, flat.mean(0).float(), std.clamp_min(1e-4).float())

@@ -120,17 +120,18 @@ export function haarBands(plane, size, levels) {
 
 /**
  * Square RGB [S, S, 3] -> per-level patches, one Float32Array [tokens * values_per_token] per manifest level:
- * tokens row-major over the grid, values ordered channel (Y, Cb, Cr), band (as listed), row, col.
+ * tokens row-major over the grid (the level's own where it has one), values ordered channel (Y, Cb, Cr), band (as
+ * listed), row, col.
  */
 export function rgbToLevels(rgb, spec) {
-  const size = spec.image_size, grid = spec.grid;
+  const size = spec.image_size;
   if (rgb.length !== size * size * 3) throw new Error(`expected a ${size}x${size} RGB image`);
   if (spec.wavelet !== "haar" || spec.dwt_mode !== "periodization") {
     throw new Error(`unsupported wavelet "${spec.wavelet}" / mode "${spec.dwt_mode}"`);
   }
   const channels = toColorPlanes(rgb, spec).map((p) => haarBands(p, size, spec.dwt_levels));
   return spec.levels.map((level, k) => {
-    const p = level.patch_size;
+    const p = level.patch_size, grid = level.grid ?? spec.grid;
     const bands = level.bands.map((name) => {
       const band = channels[0].get(name);
       if (!band) throw new Error(`level ${k}: unknown band "${name}" for a ${spec.dwt_levels}-scale DWT`);
