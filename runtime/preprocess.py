@@ -70,6 +70,15 @@ def resize_center_crop(im: Image.Image, size: int, resize_shorter: int | None = 
     return np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8)
 
 
+PIXEL_KEYS = ("image_size", "resize_shorter", "resample", "crop")  # what image_to_array reads of a spec
+
+
+def pixel_spec(spec: dict) -> dict:
+    """The part of a preprocessing spec that decides the 8-bit pixels (``image_to_array``), sorted by key: two specs
+    that tokenize alike pixels differently (their grids) share it."""
+    return {k: spec[k] for k in sorted(PIXEL_KEYS) if k in spec}
+
+
 def image_to_array(image: str | os.PathLike | Image.Image | np.ndarray, spec: dict) -> np.ndarray:
     """One image (path, PIL image or HxWx3 uint8 array) -> uint8 [S, S, 3] following ``spec``."""
     if isinstance(image, np.ndarray):

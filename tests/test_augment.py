@@ -10,7 +10,7 @@ from PIL import Image
 from model.checkpoint import load_checkpoint
 from model.config import get_preset
 from model.teachers import load_teacher
-from runtime.preprocess import image_to_array
+from runtime.preprocess import PIXEL_KEYS, image_to_array
 from train import distill, setup
 from train.augment import Augment
 from train.teacher_cache import pool_map, teacher_targets, with_augmented_views
@@ -125,6 +125,13 @@ def test_student_view_feeds_the_teacher_the_students_pixels(augment, large_image
     assert to_native > 10 * max(to_student, 1e-3)
     _, native = teacher_targets(teacher, images, tmp_path, dense_grid=2, flip=False, progress=False, augment=augment)
     assert native["key"] != stats["key"] and native["computed"] == 6
+    # a student that tokenizes the same pixels otherwise (its own grid per level) reuses the targets
+    regrid = get_preset("waveclip-tiny", level_grids=[4, 4, 4, 8]).preprocessing_spec()
+    assert regrid != SPEC and {k: regrid[k] for k in PIXEL_KEYS} == {k: SPEC[k] for k in PIXEL_KEYS}
+    regrid_aug = None if augment is None else Augment(2, 0, regrid)
+    _, same = teacher_targets(teacher, images, tmp_path, dense_grid=2, flip=False, progress=False,
+                              augment=regrid_aug, student_view=regrid)
+    assert same["key"] == stats["key"] and same["computed"] == 0
 
 
 def test_efficientnet_square_preprocess_keeps_the_whole_view():

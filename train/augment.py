@@ -22,6 +22,8 @@ import numpy as np
 from PIL import Image
 from torchvision.transforms import functional as TF
 
+from runtime.preprocess import pixel_spec
+
 VIEW_BLOCK = 2  # augmented views are teacher-run and cached in blocks of this many
 
 
@@ -43,7 +45,7 @@ class Augment:
 
     def describe(self) -> str:
         """Everything that changes the views (part of the teacher cache key)."""
-        spec = {k: self.spec[k] for k in sorted(self.spec)}
+        spec = pixel_spec(self.spec)  # what decides the views' pixels (not how the student tokenizes them)
         first = f"|first={self.first}" if self.first else ""  # absent for view 0: caches of views 0.. stay valid
         return (f"aug1|views={self.views}|seed={self.seed}|scale={self.scale}|ratio={self.ratio}|jitter={self.jitter}"
                 f"|{spec}{first}")

@@ -41,8 +41,8 @@ from runtime.data import read_image_list, records_digest
 from runtime.wavelet import images_to_levels
 from train.evaluate import evaluate, head_rows
 from train.head import kl_head_for
-from train.setup import (DistillError, batch_at, choose_labels, init_from_checkpoint, init_student, level_weights,
-                         load_set, param_groups, run_command, set_patch_stats, use_bf16)
+from train.setup import (DistillError, batch_at, choose_labels, grid_list, init_from_checkpoint, init_student,
+                         level_weights, load_set, param_groups, run_command, set_patch_stats, use_bf16)
 from train.augment import Augment
 from train.dense import DenseHead, channel_stats, mirror_grid, pool_grid
 from train.losses import distill_loss, label_loss, lr_at, self_distill_loss
@@ -53,17 +53,6 @@ from train.teacher_onnx import BACKENDS
 LR_SCRATCH, LR_VIT_INIT = 2e-3, 1e-4  # default peak learning rates
 CACHE_STATS = ("key", "computed", "seconds", "images_per_s", "backend")  # of a teacher pass, kept in the provenance
 LOSS_WINDOW = 50  # steps averaged into the reported final losses
-
-
-def grid_list(text: str) -> tuple[int, ...]:
-    """``4,4,4,8`` -> (4, 4, 4, 8) (argparse type: a bad value is a one-line usage error)."""
-    try:
-        grids = tuple(int(g) for g in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated integers, one per level") from None
-    if min(grids) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: grids are positive")
-    return grids
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

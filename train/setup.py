@@ -3,6 +3,7 @@ groups, training precision, the batch of each step."""
 from __future__ import annotations
 
 import sys
+from argparse import ArgumentTypeError
 from pathlib import Path
 from typing import Callable
 
@@ -122,6 +123,17 @@ def init_from_checkpoint(model: WaveCLIP, start: dict, path: Path, teacher: str,
     regridded = f" (levels {regrid} on their new grids, with new patch embeddings)" if regrid else ""
     print(f"initialised the student from {path} ({steps} steps){grown}{regridded}", flush=True)
     return f"checkpoint:{path.name}@{steps}", regrid
+
+
+def grid_list(text: str) -> tuple[int, ...]:
+    """``4,4,4,8`` -> (4, 4, 4, 8) (argparse type: a bad value is a one-line usage error)."""
+    try:
+        grids = tuple(int(g) for g in text.split(","))
+    except ValueError:
+        raise ArgumentTypeError(f"{text!r}: comma-separated integers, one per level") from None
+    if min(grids) < 1:
+        raise ArgumentTypeError(f"{text!r}: grids are positive")
+    return grids
 
 
 def level_weights(arg: str | None, levels: int) -> list[float]:

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from model.checkpoint import atomic_torch_save
 from model.teachers import Teacher
 from runtime.data import ImageRecord, records_digest
-from runtime.preprocess import image_to_array, load_image
+from runtime.preprocess import image_to_array, load_image, pixel_spec
 from train.teacher_onnx import Encoder, onnx_encoder
 
 if TYPE_CHECKING:
@@ -132,7 +132,7 @@ def teacher_targets(teacher: Teacher, records: Sequence[ImageRecord], cache_dir:
     if augment is not None:
         flip, key_extra = False, f"{key_extra}|{augment.describe()}"
     if student_view is not None:
-        key_extra = f"{key_extra}|teacher_view=student|{ {k: student_view[k] for k in sorted(student_view)} }"
+        key_extra = f"{key_extra}|teacher_view=student|{pixel_spec(student_view)}"  # the pixels, not their tokens
     extra = f"{teacher_fingerprint(teacher)}|{key_extra}|dense={dense_grid or 0}"
     key = cache_key(teacher.name, records, flip, extra)
     folder = Path(cache_dir).expanduser() / "teacher" / key
