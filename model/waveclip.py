@@ -99,6 +99,14 @@ def gelu_mlp_state(weight: torch.Tensor, bias: torch.Tensor) -> dict[str, torch.
             "2.weight": torch.cat([eye, -eye], dim=1), "2.bias": torch.zeros_like(bias)}
 
 
+def resample_positions(positions: torch.Tensor, grid: int) -> torch.Tensor:
+    """Position embeddings of a square grid [g*g, width] (row-major) -> those of a ``grid`` x ``grid`` one, bicubic."""
+    g, w = math.isqrt(positions.shape[0]), positions.shape[1]
+    square = positions.reshape(1, g, g, w).permute(0, 3, 1, 2)
+    return F.interpolate(square, size=(grid, grid), mode="bicubic", align_corners=False)[0].permute(1, 2, 0
+                                                                                                   ).reshape(-1, w)
+
+
 class WaveCLIP(nn.Module):
     """WaveCLIP image tower.
 
@@ -155,7 +163,8 @@ class WaveCLIP(nn.Module):
         """Run one level on top of the cache of the levels before it.
 
         ``past``: per layer (key, value) of shape [batch, heads, past_len, head_dim] with past_len the tokens of the
-        levels before (``config.past_length``; None for level 0). Returns the level's embedding [batch, embed_dim] and the updated cache (past + this level).
+        levels before (``config.past_length``; None for level 0). Returns the level's embedding [batch, embed_dim]
+        and the updated cache (past + this level).
         """
         expected = self.config.past_length(level)
         got = 0 if past is None else past[0][0].shape[2]
@@ -217,11 +226,8 @@ class WaveCLIP(nn.Module):
         for block, state in zip(self.blocks, vit["blocks"]):
             block.load_state_dict({k: v for k, v in state.items() if not k.startswith("ls_")}, strict=True)
         pos = vit["positional_embedding"]
-        g_src = vit["grid"]
-        grid_pos = pos[1:].reshape(1, g_src, g_src, w).permute(0, 3, 1, 2)
         for g, param in [(self.config.grid, self.pos_embed), *((int(k), v) for k, v in self.pos_embed_grid.items())]:
-            resampled = F.interpolate(grid_pos, size=(g, g), mode="bicubic", align_corners=False)
-            param.copy_(resampled.permute(0, 2, 3, 1).reshape(g * g, w))
+            param.copy_(resample_positions(pos[1:], g))
         self.cls_pos_embed.copy_(pos[0])
         self.cls_token.copy_(vit["class_embedding"].expand_as(self.cls_token))
         if "ln_pre" in vit:

@@ -9,12 +9,11 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from model.config import WaveCLIPConfig
 from model.checkpoint import CheckpointError
 from model.teachers import imagenet_classes, Teacher, TeacherError
-from model.waveclip import WaveCLIP, gelu_mlp_state
+from model.waveclip import WaveCLIP, gelu_mlp_state, resample_positions
 from runtime.data import DataError, ImageRecord, load_images, read_image_list
 from runtime.preprocess import ImageError
 from runtime.wavelet import images_to_levels
@@ -105,10 +104,7 @@ def init_from_checkpoint(model: WaveCLIP, start: dict, path: Path, teacher: str,
         state.update({n: t for n, t in fresh.items() if n.startswith((f"patch_embed.{k}.", f"patch_shift_{k}",
                                                                         f"patch_scale_{k}"))})
     for name in [n for n in fresh if n.startswith("pos_embed_grid.") and n not in state]:
-        g = int(name.rsplit(".", 1)[1])
-        base = state["pos_embed"].reshape(1, cfg.grid, cfg.grid, -1).permute(0, 3, 1, 2)
-        state[name] = F.interpolate(base, size=(g, g), mode="bicubic", align_corners=False)[0].permute(1, 2, 0
-                                                                                                      ).reshape(g * g, -1)
+        state[name] = resample_positions(state["pos_embed"], int(name.rsplit(".", 1)[1]))
     grow = not old.patch_hidden and cfg.patch_hidden  # linear -> two-layer embedding
     for k in range(cfg.num_levels if grow else 0):
         weight, bias = state.pop(f"patch_embed.{k}.weight", None), state.pop(f"patch_embed.{k}.bias", None)
