@@ -98,11 +98,9 @@ def init_from_checkpoint(model: WaveCLIP, start: dict, path: Path, teacher: str,
                            f"{cfg.grid} and {cfg.num_levels}")
     regrid = [k for k in range(cfg.num_levels) if old.level_grid(k) != cfg.level_grid(k)]
     fresh = model.state_dict()
-    for k in regrid:  # a new tokenizer for these levels: the student's own initialisation
-        for name in [n for n in state if n.startswith((f"patch_embed.{k}.", f"patch_shift_{k}", f"patch_scale_{k}"))]:
-            state.pop(name)
-        state.update({n: t for n, t in fresh.items() if n.startswith((f"patch_embed.{k}.", f"patch_shift_{k}",
-                                                                        f"patch_scale_{k}"))})
+    new = tuple(p for k in regrid for p in (f"patch_embed.{k}.", f"patch_shift_{k}", f"patch_scale_{k}"))
+    state = {n: t for n, t in state.items() if not n.startswith(new)}  # a new tokenizer for these levels:
+    state |= {n: t for n, t in fresh.items() if n.startswith(new)}  # the student's own initialisation
     for name in [n for n in fresh if n.startswith("pos_embed_grid.") and n not in state]:
         state[name] = resample_positions(state["pos_embed"], int(name.rsplit(".", 1)[1]))
     grow = not old.patch_hidden and cfg.patch_hidden  # linear -> two-layer embedding
