@@ -52,12 +52,13 @@ class WaveCLIPConfig:
             raise ValueError(f"level_grids must be a list of integers, got {self.level_grids!r}")
         object.__setattr__(self, "level_grids", tuple(self.level_grids))  # JSON gives a list
         if self.level_grids:
-            if len(self.level_grids) != self.dwt_levels + 1:
-                raise ValueError(f"level_grids needs one grid per level ({self.dwt_levels + 1}), got {list(self.level_grids)}")
+            if len(self.level_grids) != self.num_levels:
+                raise ValueError(f"level_grids needs one grid per level ({self.num_levels}), "
+                                 f"got {list(self.level_grids)}")
             for k, g in enumerate(self.level_grids):
                 if not isinstance(g, int) or isinstance(g, bool) or g < 1 or g % self.grid:
                     raise ValueError(f"level_grids[{k}] = {g!r} must be a multiple of grid {self.grid}")
-                band = self.image_size >> (self.dwt_levels if k == 0 else self.dwt_levels - k + 1)
+                band = self.band_size(k)
                 if band % g:
                     raise ValueError(f"level_grids[{k}] = {g}: the level's {band}x{band} bands do not split into it")
         if self.width % self.heads:

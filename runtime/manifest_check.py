@@ -189,7 +189,7 @@ def _check_model(f: _Fields, manifest: dict) -> dict:
     if grids and len(grids) != model["dwt_levels"] + 1:
         f.fail("model.level_grids", f"has {len(grids)} entries, expected dwt_levels + 1 = {model['dwt_levels'] + 1}")
     for k, g in enumerate(grids):
-        band = model["image_size"] >> (model["dwt_levels"] if k == 0 else model["dwt_levels"] - k + 1)
+        band = _band_size(model, k)
         if not _is_int(g) or g < 1 or g % model["grid"] or band % g:
             f.fail(f"model.level_grids[{k}]", f"{_show(g)} must be a multiple of model.grid that divides the "
                                               f"level's {band}-wide bands")
@@ -201,12 +201,18 @@ def level_grid(model: dict, k: int) -> int:
     return model["level_grids"][k] if model.get("level_grids") else model["grid"]
 
 
+def _band_size(model: dict, k: int) -> int:
+    """Side of level ``k``'s wavelet band(s): the LL band of the coarsest scale, or the details of scale j - k + 1."""
+    j = model["dwt_levels"]
+    return model["image_size"] >> (j if k == 0 else j - k + 1)
+
+
 def _expected_level(model: dict, k: int) -> dict:
     """Bands, band size, patch size and values per token of preprocessing level ``k`` from the model config."""
     j = model["dwt_levels"]
     scale = j if k == 0 else j - k + 1
     bands = [f"LL{j}"] if k == 0 else [f"LH{scale}", f"HL{scale}", f"HH{scale}"]
-    band = model["image_size"] >> scale
+    band = _band_size(model, k)
     patch = band // level_grid(model, k)
     return {"bands": bands, "band_size": band, "patch_size": patch, "tokens": level_grid(model, k) ** 2,
             "values_per_token": 3 * len(bands) * patch * patch}
