@@ -20,6 +20,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
 from runtime.backends import BACKENDS, EXTRA as _EXTRAS
+from runtime.backends.trt_precision import tensorrt_major
 
 PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -156,6 +157,11 @@ def parse_profile(data: dict[str, Any], path: str | os.PathLike | None = None) -
             workspace_mib=v.integer(t, "workspace_mib", 1, "tensorrt.", default=1024),
             opt_batch=v.integer(t, "opt_batch", 1, "tensorrt.", default=1),
             dla_core=v.integer(t, "dla_core", 0, "tensorrt.", default=None))
+        if tensorrt.version is not None:
+            try:
+                tensorrt_major(tensorrt.version)
+            except ValueError as e:
+                v.fail("tensorrt.version", str(e))
         if tensorrt.opt_batch > max(batch_sizes):
             v.fail("tensorrt.opt_batch", f"{tensorrt.opt_batch} exceeds the largest batch size {max(batch_sizes)}")
         if provider not in TENSORRT_DEVICES:

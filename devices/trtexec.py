@@ -1,6 +1,8 @@
 """trtexec command lines to build and time one TensorRT engine per level graph of a bundle, on the device itself.
 
-Engines go to ``BUNDLE/tensorrt/<profile>/level{k}.engine`` (never shipped). Flags follow trtexec of TensorRT 8.5-10.x.
+Engines go to ``BUNDLE/tensorrt/<profile>/level{k}.engine`` (never shipped). Precision flags follow trtexec of
+TensorRT 8.5-10.x; a profile whose ``tensorrt.version`` is 11 or later (strongly typed: no precision flags) builds an
+fp16 engine from the level graphs' fp16 copies, which the script writes first (``runtime.backends.trt_precision``).
 Only ``batch`` is dynamic: the optimisation profile is batch 1 / ``tensorrt.opt_batch`` / max(``batch_sizes``).
 DLA cannot run dynamic shapes, so a DLA profile builds static engines at ``opt_batch`` with GPU fallback.
 """
@@ -13,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from devices.profile_config import DeviceProfile, ProfileError
+from runtime.backends.trt_precision import BuildPlan, build_plan, tensorrt_major
 from runtime.bundle import BundleError
 
 JETSON_TRTEXEC = "/usr/src/tensorrt/bin/trtexec"
@@ -60,9 +63,15 @@ def engine_path(profile: DeviceProfile, bundle_dir: str | os.PathLike, level: in
     return Path(bundle_dir) / "tensorrt" / profile.name / f"level{level}.engine"
 
 
-def precision_flags(profile: DeviceProfile, bundle_precision: str) -> list[str]:
-    """Builder precision flags. An int8 profile needs a QDQ bundle: ``--int8`` then takes its scales from the Q/DQ
-    nodes (explicit quantization, no calibration cache); ``--fp16`` lets the unquantized layers run in fp16."""
+def fp16_dir(profile: DeviceProfile, bundle_dir: str | os.PathLike) -> Path:
+    """Where the script writes the fp16 copies of the level graphs (TensorRT 11 fp16 profiles)."""
+    return Path(bundle_dir) / "tensorrt" / profile.name / "fp16"
+
+
+def _plan(profile: DeviceProfile, bundle_precision: str) -> BuildPlan:
+    """The profile's build plan. An int8 profile needs a QDQ bundle: ``--int8`` then takes its scales from the Q/DQ
+    nodes (explicit quantization, no calibration cache); ``--fp16`` lets the unquantized layers run in fp16. A profile
+    without ``tensorrt.version`` is taken as TensorRT 10."""
     bundle_int8 = bundle_precision.startswith("int8")
     if profile.precision == "int8" and not bundle_int8:
         raise BundleError(f"profile {profile.name!r} is int8 but the bundle's precision is {bundle_precision!r}: "
@@ -70,7 +79,13 @@ def precision_flags(profile: DeviceProfile, bundle_precision: str) -> list[str]:
     if profile.precision != "int8" and bundle_int8:
         raise BundleError(f"profile {profile.name!r} is {profile.precision} but the bundle is {bundle_precision!r}: "
                           "use an int8 profile or the float bundle")
-    return {"fp32": [], "fp16": ["--fp16"], "int8": ["--int8", "--fp16"]}[profile.precision]
+    version = _tensorrt(profile).version
+    return build_plan(profile.precision, tensorrt_major(version) if version else 10)
+
+
+def precision_flags(profile: DeviceProfile, bundle_precision: str) -> list[str]:
+    """trtexec's precision flags for the profile and the bundle (none on TensorRT 11 and later)."""
+    return [f"--{flag.lower()}" for flag in _plan(profile, bundle_precision).flags]
 
 
 def _tensorrt(profile: DeviceProfile):
@@ -86,7 +101,9 @@ def build_command(profile: DeviceProfile, bundle_dir: str | os.PathLike, level: 
     trt = _tensorrt(profile)
     inputs = level["inputs"]
     lo, opt, hi = (trt.opt_batch,) * 3 if trt.dla_core is not None else (1, trt.opt_batch, profile.max_batch)
-    cmd = [trtexec, f"--onnx={Path(bundle_dir) / level['file']}",
+    graph = (fp16_dir(profile, bundle_dir) / f"level{level['level']}.onnx"
+             if _plan(profile, bundle_precision).fp16_graph else Path(bundle_dir) / level["file"])
+    cmd = [trtexec, f"--onnx={graph}",
            f"--saveEngine={engine_path(profile, bundle_dir, level['level'])}",
            f"--minShapes={shapes_spec(inputs, lo)}", f"--optShapes={shapes_spec(inputs, opt)}",
            f"--maxShapes={shapes_spec(inputs, hi)}", *precision_flags(profile, bundle_precision),
@@ -120,7 +137,8 @@ def trtexec_script(profile: DeviceProfile, bundle_dir: str | os.PathLike, trtexe
     manifest = read_manifest(bundle_dir)
     precision = str(manifest.get("precision", "fp32"))
     exe = trtexec or (JETSON_TRTEXEC if profile.jetson else "trtexec")
-    flags = " ".join(precision_flags(profile, precision)) or "(fp32)"
+    flags = " ".join(precision_flags(profile, precision)) or (
+        "fp16 copies of the level graphs" if _plan(profile, precision).fp16_graph else "no precision flags")
     levels = sorted(manifest["levels"], key=lambda lv: lv["level"])
     q = shlex.join
     lines = [f"# WaveCLIP: TensorRT engines for bundle {bundle_dir} on {profile.name} ({profile.description})",
@@ -141,6 +159,10 @@ def trtexec_script(profile: DeviceProfile, bundle_dir: str | os.PathLike, trtexe
         lines.append(f"sudo nvpmodel -q  # must report: {j.nvpmodel_name}")
     lines += ["", "# 2. build one engine per level",
               q(["mkdir", "-p", str(engine_path(profile, bundle_dir, 0).parent)])]
+    if _plan(profile, precision).fp16_graph:
+        lines += ["# TensorRT 11 has no --fp16: the engines are built from fp16 copies of the level graphs "
+                  "(needs waveclip-edge[tensorrt] here)",
+                  q(["python3", "-m", "runtime.backends.trt_precision", str(bundle_dir), str(fp16_dir(profile, bundle_dir))])]
     lines += [q(build_command(profile, bundle_dir, lv, precision, exe)) for lv in levels]
     lines += ["", f"# 3. time each level: {WARMUP_MS} ms warm-up, {profile.iterations} iterations, "
               "--avgRuns=1 so percentiles are over single runs; per-run times in *.times.json",

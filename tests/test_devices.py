@@ -195,6 +195,26 @@ def test_trtexec_fp16_commands(tmp_path):
     assert "sudo nvpmodel -m 1" in script and "sudo jetson_clocks" in script
 
 
+def test_trtexec_on_tensorrt_11_builds_from_fp16_graphs(tmp_path):
+    bundle = fake_bundle(tmp_path)
+    text = GOOD.replace("opt_batch = 2", 'opt_batch = 2\nversion = "11.4"')
+    script = trtexec_script(load_profile(str(write(tmp_path, text))), bundle)
+    fp16 = bundle / "tensorrt" / "my-device" / "fp16"
+    convert = [line for line in script.splitlines() if "runtime.backends.trt_precision" in line]
+    assert convert == [f"python3 -m runtime.backends.trt_precision {bundle} {fp16}"]
+    builds = [line for line in script.splitlines() if "--saveEngine=" in line]
+    assert script.index(convert[0]) < script.index(builds[0])
+    assert [f"--onnx={fp16}/level{k}.onnx" in b for k, b in enumerate(builds)] == [True, True]
+    commands = [line for line in script.splitlines() if line and not line.startswith("#")]
+    assert not any(flag in c for c in commands for flag in ("--fp16", "--int8", "--best"))  # gone in TensorRT 11
+    int8 = GOOD.replace("opt_batch = 2", 'opt_batch = 2\nversion = "11.4"').replace('"fp16"', '"int8"')
+    (tmp_path / "q").mkdir()
+    int8_script = trtexec_script(load_profile(str(write(tmp_path, int8, "int8.toml"))), fake_bundle(tmp_path / "q", "int8"))
+    assert "trt_precision" not in int8_script and "--int8" not in int8_script and "q/bundle/level1.onnx" in int8_script
+    with pytest.raises(ProfileError, match="tensorrt.version: TensorRT version 'eleven'"):
+        load_profile(str(write(tmp_path, GOOD.replace("opt_batch = 2", 'opt_batch = 2\nversion = "eleven"'))))
+
+
 def test_trtexec_int8_and_dla(tmp_path):
     level = {"level": 1, "file": "level1.onnx",
              "inputs": [{"name": "patches", "shape": ["batch", 49, 144]},

@@ -1,10 +1,12 @@
 """TensorRT backend: engines built on the target from the bundle's level graphs, KV cache in device buffers.
 
-Engines are cached in ``BUNDLE/tensorrt/<device-name>/level{k}.engine`` (built on first use, never shipped).
-Needs an NVIDIA GPU, ``tensorrt`` and ``cuda-python``.
+Engines are cached in ``BUNDLE/tensorrt/<device-name>-<precision>/level{k}.engine`` (built on first use, never
+shipped). Needs an NVIDIA GPU, ``tensorrt`` (8.5-10.x with precision flags, 11.x strongly typed: see
+``runtime.backends.trt_precision``) and ``cuda-python``.
 """
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,7 @@ except ImportError:  # cuda-python < 12.6
     from cuda import cudart
 
 from runtime.backends import BackendError, check_kv_shapes
+from runtime.backends.trt_precision import build_plan, engine_precision, fp16_graph, tensorrt_major
 from runtime.bundle import Bundle
 
 _LOGGER = trt.Logger(trt.Logger.WARNING)
@@ -69,7 +72,20 @@ class DeviceArray:
 
 def build_engine(onnx_path: Path, engine_path: Path, shapes: dict[str, tuple[tuple, tuple, tuple]],
                  precision: str = "fp16", workspace_mib: int = 1024) -> None:
-    """Parse an ONNX level graph and serialise a TensorRT engine (explicit quantization for QDQ int8 graphs)."""
+    """Parse an ONNX level graph and serialise a TensorRT engine (explicit quantization for QDQ int8 graphs; on
+    TensorRT 11, strongly typed, an fp16 engine is built from the graph's fp16 copy)."""
+    plan = build_plan(precision, tensorrt_major(trt.__version__))
+    engine_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=engine_path.parent) as tmp:
+        source = fp16_graph(onnx_path, Path(tmp) / onnx_path.name) if plan.fp16_graph else onnx_path
+        serialized = _build(source, shapes, plan.flags, workspace_mib)
+    if serialized is None:
+        raise BackendError(f"TensorRT engine build failed for {onnx_path}")
+    engine_path.write_bytes(bytes(serialized))
+
+
+def _build(onnx_path: Path, shapes: dict[str, tuple[tuple, tuple, tuple]], flags: tuple[str, ...],
+           workspace_mib: int):
     builder = trt.Builder(_LOGGER)
     network = builder.create_network(0)
     parser = trt.OnnxParser(network, _LOGGER)
@@ -77,19 +93,13 @@ def build_engine(onnx_path: Path, engine_path: Path, shapes: dict[str, tuple[tup
         raise BackendError(f"TensorRT cannot parse {onnx_path}: {parser.get_error(0).desc() if parser.num_errors else '?'}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
-    if precision in ("fp16", "int8"):
-        config.set_flag(trt.BuilderFlag.FP16)
-    if precision == "int8":
-        config.set_flag(trt.BuilderFlag.INT8)
+    for flag in flags:
+        config.set_flag(getattr(trt.BuilderFlag, flag))
     profile = builder.create_optimization_profile()
     for name, (lo, opt, hi) in shapes.items():
         profile.set_shape(name, lo, opt, hi)
     config.add_optimization_profile(profile)
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise BackendError(f"TensorRT engine build failed for {onnx_path}")
-    engine_path.parent.mkdir(parents=True, exist_ok=True)
-    engine_path.write_bytes(bytes(serialized))
+    return builder.build_serialized_network(network, config)
 
 
 class TensorRTBackend:
@@ -101,7 +111,10 @@ class TensorRTBackend:
                  device_name: str | None = None, workspace_mib: int = 1024) -> None:
         self.bundle = bundle
         self.fresh_outputs = True  # every run allocates its present outputs
-        precision = precision or ("int8" if bundle.manifest["precision"] == "int8" else "fp16")
+        try:
+            precision = engine_precision(precision, bundle.manifest["precision"])
+        except ValueError as e:
+            raise BackendError(f"{bundle.path}: {e}") from None
         props = _check(cudart.cudaGetDeviceProperties(0))
         device_name = device_name or props.name.decode(errors="ignore").replace(" ", "-").lower()
         cache = bundle.path / "tensorrt" / f"{device_name}-{precision}"
