@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 
-from export.fp16 import to_fp16  # noqa: E402
+from runtime.fp16 import to_fp16  # noqa: E402
 from export.graphs import export_full_graph  # noqa: E402
 from export.onnx import export_bundle  # noqa: E402
 from export.validate import find_images  # noqa: E402

@@ -80,7 +80,7 @@ def _plan(profile: DeviceProfile, bundle_precision: str) -> BuildPlan:
         raise BundleError(f"profile {profile.name!r} is {profile.precision} but the bundle is {bundle_precision!r}: "
                           "use an int8 profile or the float bundle")
     version = _tensorrt(profile).version
-    return build_plan(profile.precision, tensorrt_major(version) if version else 10)
+    return build_plan(profile.precision, tensorrt_major(version) if version else 10, bundle_precision)
 
 
 def precision_flags(profile: DeviceProfile, bundle_precision: str) -> list[str]:

@@ -22,7 +22,7 @@ import onnxruntime as ort
 import torch
 from tqdm import tqdm
 
-from export.fp16 import to_fp16
+from runtime.fp16 import to_fp16
 from export.full import export_full, full_entry, validate_full
 from export.graphs import DEFAULT_OPSET, EXPORTER, KINDS, PAST, PRESENT, export_level, level_io
 from export.optimize import optimize_graph, summarize

@@ -24,6 +24,7 @@ def test_flags_up_to_10_and_graphs_from_11():
     assert build_plan("fp16", 11) == BuildPlan((), True)
     assert build_plan("int8", 11) == BuildPlan((), False)
     assert build_plan("fp32", 12) == BuildPlan((), False)
+    assert build_plan("fp16", 11, "fp16") == BuildPlan((), False)  # an fp16 bundle is in fp16 already
     assert [tensorrt_major(v) for v in ("10.3", "11.4.0.106", "8")] == [10, 11, 8]
     with pytest.raises(ValueError, match="expected MAJOR"):
         tensorrt_major("ten")

@@ -71,10 +71,10 @@ class DeviceArray:
 
 
 def build_engine(onnx_path: Path, engine_path: Path, shapes: dict[str, tuple[tuple, tuple, tuple]],
-                 precision: str = "fp16", workspace_mib: int = 1024) -> None:
+                 precision: str = "fp16", workspace_mib: int = 1024, bundle_precision: str = "fp32") -> None:
     """Parse an ONNX level graph and serialise a TensorRT engine (explicit quantization for QDQ int8 graphs; on
-    TensorRT 11, strongly typed, an fp16 engine is built from the graph's fp16 copy)."""
-    plan = build_plan(precision, tensorrt_major(trt.__version__))
+    TensorRT 11, strongly typed, an fp16 engine of an fp32 bundle is built from the graph's fp16 copy)."""
+    plan = build_plan(precision, tensorrt_major(trt.__version__), bundle_precision)
     engine_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=engine_path.parent) as tmp:
         source = fp16_graph(onnx_path, Path(tmp) / onnx_path.name) if plan.fp16_graph else onnx_path
@@ -125,7 +125,8 @@ class TensorRTBackend:
             if not engine_path.exists():
                 shapes = {t["name"]: tuple(tuple(b if d == "batch" else d for d in t["shape"])
                                            for b in (1, opt_batch, max_batch)) for t in level["inputs"]}
-                build_engine(bundle.level_path(k), engine_path, shapes, precision, workspace_mib)
+                build_engine(bundle.level_path(k), engine_path, shapes, precision, workspace_mib,
+                             bundle.manifest["precision"])
             engine = self.runtime.deserialize_cuda_engine(engine_path.read_bytes())
             if engine is None:
                 raise BackendError(f"cannot deserialize {engine_path} (built by another TensorRT version? delete it)")

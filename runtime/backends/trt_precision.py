@@ -4,9 +4,10 @@ Up to 10.x a network is weakly typed: builder flags (``BuilderFlag.FP16`` / ``IN
 let TensorRT pick reduced-precision kernels for an fp32 graph. TensorRT 11 removed every precision flag: all networks
 are strongly typed, so a reduced precision must be in the ONNX graph itself (NVIDIA's 10.x-to-11.x migration guide,
 "Strongly Typed Networks Are Now Required"). There an fp16 engine is built from an fp16 copy of the level graph, made
-here with ONNX Runtime's float16 converter, its inputs and outputs kept float32 so that the runtime's buffers (patches,
-KV cache, embedding) stay what the manifest says; an int8 QDQ graph is explicit quantization already and builds as it
-is, its unquantized layers in fp32 (10.x's ``--fp16`` ran them in fp16).
+as the export's ``--fp16`` makes its graphs (``runtime.fp16``: ONNX Runtime's float16 converter), inputs and outputs
+kept float32 so that the runtime's buffers (patches, KV cache, embedding) stay what the manifest says; an int8 QDQ
+graph is explicit quantization already and builds as it is, its unquantized layers in fp32 (10.x's ``--fp16`` ran them
+in fp16). An fp16 bundle (``export.onnx --fp16``) is in fp16 already and builds as it is.
 
 ``python -m runtime.backends.trt_precision BUNDLE OUT_DIR`` writes the fp16 copy of every level graph (for trtexec
 on TensorRT 11: ``python -m devices trtexec`` prints that step).
@@ -41,13 +42,13 @@ def tensorrt_major(version: str) -> int:
         raise ValueError(f"TensorRT version {version!r}: expected MAJOR[.MINOR...]") from None
 
 
-def build_plan(precision: str, major: int) -> BuildPlan:
-    """What a ``precision`` engine needs from TensorRT ``major``."""
+def build_plan(precision: str, major: int, bundle_precision: str = "fp32") -> BuildPlan:
+    """What a ``precision`` engine of a ``bundle_precision`` bundle needs from TensorRT ``major``."""
     if precision not in PRECISIONS:
         raise ValueError(f"TensorRT precision {precision!r}: choose from {', '.join(PRECISIONS)}")
     if major < FIRST_STRONGLY_TYPED:
         return BuildPlan(_FLAGS[precision], False)
-    return BuildPlan((), precision == "fp16")
+    return BuildPlan((), precision == "fp16" and bundle_precision == "fp32")
 
 
 def engine_precision(requested: str | None, bundle_precision: str) -> str:
@@ -69,10 +70,11 @@ def fp16_graph(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     """Write ``src`` (an fp32 ONNX graph, external weights read from beside it) with its weights and arithmetic in
     float16 and its inputs and outputs float32 to ``dst``, the weights in ``dst`` + ``.weights`` beside it."""
     import onnx
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    from runtime.fp16 import to_fp16
 
     dst = Path(dst)
-    half = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    half = to_fp16(onnx.load(str(src)))
     dst.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(half, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
               location=dst.name + ".weights")

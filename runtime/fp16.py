@@ -1,7 +1,12 @@
-"""float16 graphs with float32 I/O (onnxruntime.transformers.float16), topologically sorted for onnx.checker."""
+"""float16 graphs with float32 I/O (onnxruntime.transformers.float16), topologically sorted for onnx.checker: the
+export's ``--fp16`` bundles and the fp16 copies TensorRT 11 builds from (``runtime.backends.trt_precision``). Needs
+the ``onnx`` package, which the runtime alone does not install."""
 from __future__ import annotations
 
-import onnx
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import onnx
 
 
 def toposort(graph: onnx.GraphProto) -> None:
