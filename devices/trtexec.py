@@ -162,7 +162,8 @@ def trtexec_script(profile: DeviceProfile, bundle_dir: str | os.PathLike, trtexe
     if _plan(profile, precision).fp16_graph:
         lines += ["# TensorRT 11 has no --fp16: the engines are built from fp16 copies of the level graphs "
                   "(needs waveclip-edge[tensorrt] here)",
-                  q(["python3", "-m", "runtime.backends.trt_precision", str(bundle_dir), str(fp16_dir(profile, bundle_dir))])]
+                  q(["python3", "-m", "runtime.backends.trt_precision", str(bundle_dir),
+                     str(fp16_dir(profile, bundle_dir))])]
     lines += [q(build_command(profile, bundle_dir, lv, precision, exe)) for lv in levels]
     lines += ["", f"# 3. time each level: {WARMUP_MS} ms warm-up, {profile.iterations} iterations, "
               "--avgRuns=1 so percentiles are over single runs; per-run times in *.times.json",

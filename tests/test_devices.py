@@ -209,7 +209,8 @@ def test_trtexec_on_tensorrt_11_builds_from_fp16_graphs(tmp_path):
     assert not any(flag in c for c in commands for flag in ("--fp16", "--int8", "--best"))  # gone in TensorRT 11
     int8 = GOOD.replace("opt_batch = 2", 'opt_batch = 2\nversion = "11.4"').replace('"fp16"', '"int8"')
     (tmp_path / "q").mkdir()
-    int8_script = trtexec_script(load_profile(str(write(tmp_path, int8, "int8.toml"))), fake_bundle(tmp_path / "q", "int8"))
+    int8_profile = load_profile(str(write(tmp_path, int8, "int8.toml")))
+    int8_script = trtexec_script(int8_profile, fake_bundle(tmp_path / "q", "int8"))
     assert "trt_precision" not in int8_script and "--int8" not in int8_script and "q/bundle/level1.onnx" in int8_script
     with pytest.raises(ProfileError, match="tensorrt.version: TensorRT version 'eleven'"):
         load_profile(str(write(tmp_path, GOOD.replace("opt_batch = 2", 'opt_batch = 2\nversion = "eleven"'))))

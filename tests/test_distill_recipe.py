@@ -9,14 +9,14 @@ import torch
 from PIL import Image
 
 from model.config import get_preset
-from model.teachers import load_teacher
+from model.teachers import TeacherError, load_teacher
 from model.waveclip import WaveCLIP
 from train import distill
 from train.dense import DenseHead, channel_stats, dense_loss, mirror_grid
 from train.losses import distill_loss
 from train.setup import use_bf16
 from train.teacher_cache import pool_map, teacher_targets
-from train.teacher_onnx import onnx_encoder
+from train.teacher_onnx import BF16_MAP_ATOL, BF16_MIN_COSINE, onnx_encoder
 
 TEACHER = "open_clip:ViT-Tiny-Test"
 
@@ -89,6 +89,50 @@ def test_exported_teacher_matches_torch(backend):
     again, _ = encode(pixels.flip(0))  # a later batch does not overwrite what an earlier one returned
     assert torch.allclose(emb, ref_emb, atol=1e-3) and torch.allclose(again, ref_emb.flip(0), atol=1e-3)
     assert torch.allclose(ref_emb, teacher.encode_image(pixels), atol=1e-5)  # the map path's embedding is the same
+
+
+def _cpu_has_bf16() -> bool:
+    if not importlib.util.find_spec("openvino"):
+        return False
+    import openvino as ov
+
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+@pytest.mark.skipif(not _cpu_has_bf16(), reason="needs OpenVINO on a CPU with bf16 (AMX or AVX512-BF16)")
+def test_bf16_teacher_is_within_bf16_rounding_and_cached_apart(tmp_path):
+    teacher = load_teacher("efficientnet-lite0")
+    rng = np.random.default_rng(0)
+    files = []
+    for i in range(3):
+        files.append(tmp_path / f"im{i}.png")
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(files[-1])
+    pixels = teacher.preprocess([Image.open(f) for f in files])
+    encode, ran = onnx_encoder(teacher, pixels[:2], threads=1, backend="openvino-bf16")
+    emb, fmap = encode(pixels)
+    ref_emb, ref_map = teacher.encode_with_map(pixels)
+    assert ran == "openvino-bf16" and not torch.allclose(emb, ref_emb, atol=1e-4)  # bf16 arithmetic, not fp32's
+    assert torch.nn.functional.cosine_similarity(emb, ref_emb, dim=-1).min() >= BF16_MIN_COSINE
+    assert (fmap - ref_map).abs().max() <= BF16_MAP_ATOL * ref_map.abs().max()
+    from runtime.data import read_image_list
+
+    records = read_image_list(str(tmp_path), None, None, 0)
+    fp32, fp32_stats = teacher_targets(teacher, records, tmp_path / "cache", flip=False, progress=False)
+    bf16, bf16_stats = teacher_targets(teacher, records, tmp_path / "cache", flip=False, progress=False,
+                                       backend="openvino-bf16")
+    assert bf16_stats["key"] != fp32_stats["key"] and bf16_stats["computed"] == 3  # never the fp32 targets
+    assert bf16_stats["backend"] == "openvino-bf16" and fp32_stats["backend"] == "openvino"
+    cos = torch.nn.functional.cosine_similarity(bf16.emb.float(), fp32.emb.float(), dim=-1)
+    assert cos.min() >= BF16_MIN_COSINE
+    _, again = teacher_targets(teacher, records, tmp_path / "cache", flip=False, progress=False, backend="openvino")
+    assert again["key"] == fp32_stats["key"] and again["computed"] == 0  # fp32 backends share their cache
+
+
+def test_bf16_teacher_never_falls_back():
+    teacher = load_teacher(TEACHER)  # open_clip's fused attention does not export
+    pixels = teacher.preprocess([Image.fromarray(np.full((64, 64, 3), 90, np.uint8))] * 2)
+    with pytest.raises(TeacherError, match="openvino-bf16"):
+        onnx_encoder(teacher, pixels, threads=1, backend="openvino-bf16")
 
 
 def test_teacher_backend_auto_prefers_openvino_and_torch_is_a_choice():

@@ -1,7 +1,7 @@
 """Ablation of the distillation recipe: each lever switched on in turn, same data, steps, seed and held-out images.
 
     python -m train.ablation [--work out/demo-work] [--steps 300] [--eval-limit 1000]
-        [--variants baseline,kl1000,dense,dense_kl1000,native_view,default,patch_mlp,fine_grid,fp32]
+        [--variants baseline,kl1000,dense,dense_kl1000,native_view,default,patch_mlp,fine_grid,fp32,teacher_bf16]
 
 Runs ``train.distill`` once per variant on the demo recipe's distillation list (``train.recipe_demo`` writes it),
 evaluates per-level cosine and top-1 on 1,000 images (``--eval-limit``) of the held-apart ``calib`` split (never
@@ -36,6 +36,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "fine_grid": ("+ the finest level on an 8x8 grid (64 tokens of 144 values instead of 16 of 576; "
                   "--level-grids 4,4,4,8)", ["--patch-hidden", "384", "--level-grids", "4,4,4,8"]),
     "fp32": ("the default in fp32 (speed reference)", ["--precision", "fp32"]),
+    "teacher_bf16": ("+ the two-layer patch embedding, the teacher pass in bf16 (OpenVINO; --teacher-backend "
+                     "openvino-bf16)", ["--patch-hidden", "384", "--teacher-backend", "openvino-bf16"]),
 }
 
 

@@ -28,7 +28,7 @@ from model.checkpoint import atomic_torch_save
 from model.teachers import Teacher
 from runtime.data import ImageRecord, records_digest
 from runtime.preprocess import image_to_array, load_image, pixel_spec
-from train.teacher_onnx import Encoder, onnx_encoder
+from train.teacher_onnx import BF16, Encoder, onnx_encoder
 
 if TYPE_CHECKING:
     from train.augment import Augment
@@ -128,12 +128,15 @@ def teacher_targets(teacher: Teacher, records: Sequence[ImageRecord], cache_dir:
     ``Teacher.preprocess_square``, else the original file through ``Teacher.preprocess``) and
     stats: {"key", "images", "computed" (images run through the teacher now),
     "seconds", "images_per_s" (computed images, each with its views, per second; None when all came from the cache),
-    "backend" (what ran the teacher: ``backend`` asks, ``train.teacher_onnx.onnx_encoder``)}."""
+    "backend" (what ran the teacher: ``backend`` asks, ``train.teacher_onnx.onnx_encoder``)}. The key does not
+    depend on the backend, but for ``openvino-bf16``, whose targets are bf16's."""
     if augment is not None:
         flip, key_extra = False, f"{key_extra}|{augment.describe()}"
     if student_view is not None:
         key_extra = f"{key_extra}|teacher_view=student|{pixel_spec(student_view)}"  # the pixels, not their tokens
     extra = f"{teacher_fingerprint(teacher)}|{key_extra}|dense={dense_grid or 0}"
+    if backend == BF16:  # bf16 targets are not the fp32 ones that every other backend gives
+        key_extra, extra = f"{key_extra}|teacher_precision=bf16", f"{extra}|teacher_precision=bf16"
     key = cache_key(teacher.name, records, flip, extra)
     folder = Path(cache_dir).expanduser() / "teacher" / key
     folder.mkdir(parents=True, exist_ok=True)

@@ -62,7 +62,8 @@ def engine_precision(requested: str | None, bundle_precision: str) -> str:
         raise ValueError(f"an int8 TensorRT engine needs an int8 QDQ bundle (calibration.quantize --backend "
                          f"tensorrt); this one is {bundle_precision}")
     if precision != "int8" and bundle_int8:
-        raise ValueError(f"a {precision} TensorRT engine needs the float bundle; an int8 QDQ bundle builds int8 engines")
+        raise ValueError(f"a {precision} TensorRT engine needs the float bundle; an int8 QDQ bundle builds int8 "
+                         "engines")
     return precision
 
 
