@@ -8,7 +8,8 @@ errors spared).
 
 Signals, per image and level: ``margin`` (top-1 minus top-2 softmax, the runtime's gate), ``max-prob``, ``1-entropy``
 (normalised), ``margin T=0.5`` / ``T=2`` (the margin of the softmax at that temperature), ``margin x agreement``
-(zero when the level's top-1 differs from the previous level's) and ``learned`` (per level, a logistic regression
+(zero when the level's top-1 differs from the previous level's), ``levels-mean margin`` (the margin of the geometric
+mean of the softmaxes of levels 0..k, zero where its top-1 differs from the level's) and ``learned`` (per level, a logistic regression
 fitted on each split's fit part only, on the level's top-5 probabilities and log-probabilities, entropy and, for
 every earlier level, top-1 agreement, margin, the probability it gives this level's top-1 and the embeddings'
 cosine: the probability that leaving here costs no accuracy; needs scikit-learn, which the openvino extra's nncf
@@ -72,14 +73,24 @@ def _tempered(p: np.ndarray, t: float) -> np.ndarray:
     return e / e.sum(-1, keepdims=True)
 
 
+def levels_mean(p: np.ndarray) -> np.ndarray:
+    """Per level k, the normalised geometric mean of the softmaxes of levels 0..k [N, L, C]."""
+    logp = np.log(np.clip(p, 1e-30, None))
+    mean = np.cumsum(logp, 1) / np.arange(1, p.shape[1] + 1)[None, :, None]
+    e = np.exp(mean - mean.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
 def fixed_signals(p: np.ndarray) -> dict[str, np.ndarray]:
     """Signals that need no fitting, [N, L] each, in [0, 1]."""
     pred, classes = p.argmax(-1), p.shape[-1]
     entropy = -(p * np.log(np.clip(p, 1e-30, None))).sum(-1) / np.log(classes)
     agree = np.concatenate([np.ones_like(pred[:, :1], bool), pred[:, 1:] == pred[:, :-1]], 1)
+    ensemble = levels_mean(p)
     return {"margin": _margin(p), "max-prob": p.max(-1), "1-entropy": 1 - entropy,
             "margin T=0.5": _margin(_tempered(p, 0.5)), "margin T=2": _margin(_tempered(p, 2.0)),
-            "margin x agreement": _margin(p) * agree}
+            "margin x agreement": _margin(p) * agree,
+            "levels-mean margin": _margin(ensemble) * (ensemble.argmax(-1) == pred)}
 
 
 def learned_features(p: np.ndarray, emb: np.ndarray) -> list[np.ndarray]:

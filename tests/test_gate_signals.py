@@ -29,6 +29,10 @@ def test_fixed_signals_rank_the_easy_images_first():
         assert v.shape == (300, 3) and v.min() >= 0 and v.max() <= 1 + 1e-9, name
         assert v[easy, 0].min() > v[~easy, 0].max(), name
     assert np.all(signals["margin x agreement"][~easy, 1] == 0)  # level 1 disagrees with level 0 on the hard half
+    mean = S.levels_mean(m["probs"])
+    assert np.allclose(mean[:, 0], m["probs"][:, 0]) and np.allclose(mean.sum(-1), 1)
+    both = np.sqrt(m["probs"][:, 0] * m["probs"][:, 1])
+    assert np.allclose(mean[:, 1], both / both.sum(-1, keepdims=True))  # levels 0-1: their normalised geometric mean
 
 
 def test_score_lets_only_the_easy_half_leave_at_level_0():
