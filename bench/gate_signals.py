@@ -9,8 +9,8 @@ errors spared).
 Signals, per image and level: ``margin`` (top-1 minus top-2 softmax, the runtime's gate), ``max-prob``, ``1-entropy``
 (normalised), ``margin T=0.5`` / ``T=2`` (the margin of the softmax at that temperature), ``margin x agreement``
 (zero when the level's top-1 differs from the previous level's), ``levels-mean margin`` (the margin of the geometric
-mean of the softmaxes of levels 0..k, zero where its top-1 differs from the level's) and ``learned`` (per level, a logistic regression
-fitted on each split's fit part only, on the level's top-5 probabilities and log-probabilities, entropy and, for
+mean of the softmaxes of levels 0..k, zero where its top-1 differs from the level's) and ``learned`` (per level, a
+logistic regression fitted on each split's fit part only, on the level's top-5 probabilities and log-probabilities, entropy and, for
 every earlier level, top-1 agreement, margin, the probability it gives this level's top-1 and the embeddings'
 cosine: the probability that leaving here costs no accuracy; needs scikit-learn, which the openvino extra's nncf
 brings). The labels and every threshold come from the fit part; the held-apart part only scores.

@@ -83,9 +83,9 @@ def _plan(profile: DeviceProfile, bundle_precision: str) -> BuildPlan:
     return build_plan(profile.precision, tensorrt_major(version) if version else 10, bundle_precision)
 
 
-def precision_flags(profile: DeviceProfile, bundle_precision: str) -> list[str]:
-    """trtexec's precision flags for the profile and the bundle (none on TensorRT 11 and later)."""
-    return [f"--{flag.lower()}" for flag in _plan(profile, bundle_precision).flags]
+def _flags(plan: BuildPlan) -> list[str]:
+    """trtexec's precision flags for a build plan (none on TensorRT 11 and later)."""
+    return [f"--{flag.lower()}" for flag in plan.flags]
 
 
 def _tensorrt(profile: DeviceProfile):
@@ -101,12 +101,13 @@ def build_command(profile: DeviceProfile, bundle_dir: str | os.PathLike, level: 
     trt = _tensorrt(profile)
     inputs = level["inputs"]
     lo, opt, hi = (trt.opt_batch,) * 3 if trt.dla_core is not None else (1, trt.opt_batch, profile.max_batch)
-    graph = (fp16_dir(profile, bundle_dir) / f"level{level['level']}.onnx"
-             if _plan(profile, bundle_precision).fp16_graph else Path(bundle_dir) / level["file"])
+    plan = _plan(profile, bundle_precision)
+    graph = fp16_dir(profile, bundle_dir) / f"level{level['level']}.onnx" if plan.fp16_graph else \
+        Path(bundle_dir) / level["file"]
     cmd = [trtexec, f"--onnx={graph}",
            f"--saveEngine={engine_path(profile, bundle_dir, level['level'])}",
            f"--minShapes={shapes_spec(inputs, lo)}", f"--optShapes={shapes_spec(inputs, opt)}",
-           f"--maxShapes={shapes_spec(inputs, hi)}", *precision_flags(profile, bundle_precision),
+           f"--maxShapes={shapes_spec(inputs, hi)}", *_flags(plan),
            f"--memPoolSize=workspace:{trt.workspace_mib}M"]
     if trt.dla_core is not None:
         cmd += [f"--useDLACore={trt.dla_core}", "--allowGPUFallback"]
@@ -137,8 +138,8 @@ def trtexec_script(profile: DeviceProfile, bundle_dir: str | os.PathLike, trtexe
     manifest = read_manifest(bundle_dir)
     precision = str(manifest.get("precision", "fp32"))
     exe = trtexec or (JETSON_TRTEXEC if profile.jetson else "trtexec")
-    flags = " ".join(precision_flags(profile, precision)) or (
-        "fp16 copies of the level graphs" if _plan(profile, precision).fp16_graph else "no precision flags")
+    plan = _plan(profile, precision)
+    flags = " ".join(_flags(plan)) or ("fp16 copies of the level graphs" if plan.fp16_graph else "no precision flags")
     levels = sorted(manifest["levels"], key=lambda lv: lv["level"])
     q = shlex.join
     lines = [f"# WaveCLIP: TensorRT engines for bundle {bundle_dir} on {profile.name} ({profile.description})",
@@ -159,7 +160,7 @@ def trtexec_script(profile: DeviceProfile, bundle_dir: str | os.PathLike, trtexe
         lines.append(f"sudo nvpmodel -q  # must report: {j.nvpmodel_name}")
     lines += ["", "# 2. build one engine per level",
               q(["mkdir", "-p", str(engine_path(profile, bundle_dir, 0).parent)])]
-    if _plan(profile, precision).fp16_graph:
+    if plan.fp16_graph:
         lines += ["# TensorRT 11 has no --fp16: the engines are built from fp16 copies of the level graphs "
                   "(needs waveclip-edge[tensorrt] here)",
                   q(["python3", "-m", "runtime.backends.trt_precision", str(bundle_dir),

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from model.teachers import Teacher, TeacherError
+from runtime.errors import one_line
 
 log = logging.getLogger(__name__)
 PARITY_ATOL = 1e-3  # of max |output|
@@ -153,7 +154,3 @@ def onnx_encoder(teacher: Teacher, sample: torch.Tensor, threads: int | None = N
             log.warning("teacher: %s outputs differ from torch", name)
     log.warning("teacher: no exported backend matched torch; using torch")
     return torch_encoder, "torch"
-
-
-def one_line(err: BaseException) -> str:
-    return " ".join(str(err).split())[:200]
