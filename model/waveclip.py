@@ -33,7 +33,7 @@ class Attention(nn.Module):
         y = F.linear(x, self.in_proj_weight, self.in_proj_bias)
         # Shapes read from the projection and q, k, v moved to [batch, heads, tokens, head_dim] by one transpose: in
         # an int8 QDQ graph a Shape of ``x`` kept a DequantizeLinear of it alive, and three transposes cost more
-        # (ONNX Runtime, int8 b16 one pass: 798 -> 654 kernels, 2-4% faster; README, performance section)
+        # (ONNX Runtime, int8 b16 one pass: 798 -> 654 kernels, 2-4% faster; docs/performance.md)
         b, t = y.shape[0], y.shape[1]
         q, k, v = y.reshape(b, t, 3, self.heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
         if past is not None:

@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kv-precision", choices=KV_PRECISIONS, default="auto",
                    help="--backend openvino: the KV cache's type between levels (default auto: the models' inference "
                         "precision); bf16 halves the cache an int8 bundle's levels read and write, rounding its "
-                        "values (faster batches; see README)")
+                        "values (faster batches; see docs/performance.md)")
     p.add_argument("--weights", choices=WEIGHTS, default="auto",
                    help="how onnxruntime/openvino hold the graphs: auto (default: the split graphs when the bundle has "
                         "them, one body for every level, the weights once in memory), split, or levels (one session "

@@ -46,12 +46,12 @@ class OpenVINOBackend:
 
     ``kv_precision``: the cache's element type; ``auto`` (default) as ``kv_element_type`` says. ``bf16`` / ``f16``
     ask for a half cache where the models compute parts of it in f32 (int8 IR): half the bytes that every level reads,
-    concatenates and writes, at a rounding of the keys and values (measured in the README: embeddings at cosine
+    concatenates and writes, at a rounding of the keys and values (measured in docs/performance.md: embeddings at cosine
     0.9998 to an f32 cache, faster batches); refused where the device lacks that type.
 
     ``properties``: further OpenVINO properties for every compiled model, applied last (e.g.
     ``{"CPU_RUNTIME_CACHE_CAPACITY": 0}`` keeps no per-shape kernel cache: less memory for the split body, whose past
-    length changes by level, at some latency; see README)."""
+    length changes by level, at some latency; see docs/perf-history.md)."""
 
     name = "openvino"
 
