@@ -69,3 +69,15 @@ def test_example_images_meet_their_selection_rule(capsys):
     assert sorted(r[0][2:] for r in rows) == sorted(p.name for p in IMAGES)
     labelled = [r for r in rows if r[1] != "none"]
     assert len(labelled) == len(rows) - 1 and all(r[1] == r[3] for r in labelled), labelled
+
+
+def test_readme_python_example_runs_as_printed(capsys, monkeypatch):
+    """The README's Python snippet, executed as written from the repository root, prints what its comment says."""
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(REPO)
+    exec(compile(block, "README.md", "exec"), {})
+    printed = capsys.readouterr().out.split()
+    expected = block.split("# tabby cat", 1)[1].split()[:3]  # the comment: label, score, exit level
+    assert printed[:2] == ["tabby", "cat"]
+    assert f"{float(printed[2]):.3f}" == expected[0] and printed[3] == expected[1]
