@@ -11,7 +11,7 @@ import onnx
 
 from calibration.backends import (WEIGHT_ONLY, WEIGHT_ONLY_SCHEME, WeightOnlyScheme, quantize_onnx, quantize_openvino,
                                   quantize_weight_only)
-from calibration.quantize_split import ItemsReader
+from calibration.reader import ItemsReader
 from export.weights import SharedWeights, save_graph
 from runtime.bundle import Bundle
 

@@ -13,42 +13,15 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnxruntime.quantization import CalibrationDataReader
 
 from calibration.backends import (WEIGHT_ONLY, WEIGHT_ONLY_SCHEME, WeightOnlyScheme, quantize_onnx, quantize_openvino,
                                   quantize_weight_only)
-from calibration.reader import level_feeds
+from calibration.reader import ItemsReader, level_feeds
 from export.weights import SharedWeights, save_graph
 from runtime.bundle import Bundle
 
 PER_LEVEL = 64  # calibration images per level for the body (its KV inputs grow with the level)
 BATCH = 8
-
-
-class ItemsReader(CalibrationDataReader):
-    """ONNX Runtime calibration reader over a list of feed dicts (their shapes may differ from item to item)."""
-
-    def __init__(self, items: list[dict[str, np.ndarray]]) -> None:
-        self._items = items
-        self.start, self.end = 0, len(items)
-        self.rewind()
-
-    def items(self) -> list[dict[str, np.ndarray]]:
-        return self._items[self.start:self.end]
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self._iter, None)
-
-    def rewind(self) -> None:
-        self._iter = iter(self.items())
-
-    def __len__(self) -> int:
-        return self.end - self.start
-
-    def set_range(self, start_index: int, end_index: int) -> None:
-        """Items [start_index, end_index) only (ORT's strided calibration)."""
-        self.start, self.end = max(0, start_index), min(len(self._items), end_index)
-        self.rewind()
 
 
 def body_items(fp32: Bundle, patches: list[np.ndarray], per_level: int = PER_LEVEL, batch: int = BATCH

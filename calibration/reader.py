@@ -31,7 +31,46 @@ def level_feeds(bundle: Bundle, patches: list[np.ndarray], progress: bool = Fals
             past = [np.concatenate([c[j] for c in chunks]) for j in range(len(chunks[0]))]
 
 
-class CascadeCalibrationReader(CalibrationDataReader):
+class RangedReader(CalibrationDataReader):
+    """ONNX Runtime calibration reader over :meth:`items` (feed dicts; their shapes may differ from item to item),
+    restricted to ``[start, end)`` by ORT's strided calibration."""
+
+    start: int
+    end: int
+    items_total: int
+
+    def items(self) -> list[dict[str, np.ndarray]]:
+        raise NotImplementedError
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._iter, None)
+
+    def rewind(self) -> None:
+        self._iter = iter(self.items())
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        """Items [start_index, end_index) only (ORT's strided calibration)."""
+        self.start, self.end = max(0, start_index), min(self.items_total, end_index)
+        self.rewind()
+
+
+class ItemsReader(RangedReader):
+    """A reader over a list of feed dicts."""
+
+    def __init__(self, items: list[dict[str, np.ndarray]]) -> None:
+        self._items = items
+        self.items_total = len(items)
+        self.start, self.end = 0, len(items)
+        self.rewind()
+
+    def items(self) -> list[dict[str, np.ndarray]]:
+        return self._items[self.start:self.end]
+
+
+class CascadeCalibrationReader(RangedReader):
     """ONNX Runtime calibration reader over one level's full inputs (see :func:`level_feeds`), ``batch_size`` rows
     per item. Iterating it (or :meth:`items`) gives the same dicts to other tools (NNCF)."""
 
@@ -55,17 +94,3 @@ class CascadeCalibrationReader(CalibrationDataReader):
     def items(self) -> list[dict[str, np.ndarray]]:
         b = self.batch_size
         return [{name: v[i * b:(i + 1) * b] for name, v in self.feeds.items()} for i in range(self.start, self.end)]
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self._iter, None)
-
-    def rewind(self) -> None:
-        self._iter = iter(self.items())
-
-    def __len__(self) -> int:
-        return self.end - self.start
-
-    def set_range(self, start_index: int, end_index: int) -> None:
-        """Items [start_index, end_index) only (ORT's strided calibration)."""
-        self.start, self.end = max(0, start_index), min(self.items_total, end_index)
-        self.rewind()
