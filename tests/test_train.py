@@ -1,4 +1,5 @@
 import csv
+import math
 import os
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from PIL import Image
 
 from model.checkpoint import load_checkpoint, publish_checkpoint
 from train import distill
-from train.losses import distill_loss, kl_distill, label_loss, lr_at, self_distill_loss
+from train.losses import distill_loss, entropy_loss, kl_distill, label_loss, lr_at, self_distill_loss
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEACHER = "open_clip:ViT-Tiny-Test"
@@ -134,6 +135,19 @@ def test_self_distill_loss_teaches_earlier_levels_the_last_levels_answer():
     assert out_last.grad is None and all(e.grad.abs().sum() > 0 for e in early)  # the last level is only a target
 
 
+def test_entropy_loss_is_the_weighted_entropy_and_pushes_away_from_ties():
+    logits = lambda e: e @ torch.eye(4)  # noqa: E731
+    tie = torch.tensor([[2.0, 2.0, 0.0, 0.0]])
+    sure = torch.tensor([[20.0, 0.0, 0.0, 0.0]])
+    top, rest = math.e ** 2 / (2 * math.e ** 2 + 2), 1 / (2 * math.e ** 2 + 2)  # softmax of [2, 2, 0, 0]
+    want = -(2 * top * math.log(top) + 2 * rest * math.log(rest))
+    assert entropy_loss([tie, sure], [1.0, 0.0], logits).item() == pytest.approx(want, rel=1e-5)
+    assert entropy_loss([sure], [1.0], logits).item() < 1e-6
+    near = torch.tensor([[2.0, 1.9, 0.0, 0.0]], requires_grad=True)
+    entropy_loss([near], [1.0], logits).backward()
+    assert near.grad[0, 0] < near.grad[0, 1]  # descent raises the top class more than the second: the gap widens
+
+
 def test_self_weight_changes_training_and_is_recorded(data, tmp_path):
     plain, taught = tmp_path / "plain.pt", tmp_path / "taught.pt"
     assert distill.main(argv(data, plain, "--steps", "2", "--seed", "3")) == 0
@@ -144,6 +158,19 @@ def test_self_weight_changes_training_and_is_recorded(data, tmp_path):
     with pytest.raises(SystemExit) as exc:
         distill.parse_args(argv(data, tmp_path / "bad.pt", "--self-weight", "-1"))
     assert exc.value.code == 2 and not (tmp_path / "bad.pt").exists()
+
+
+def test_entropy_weight_changes_training_and_is_recorded(data, tmp_path):
+    plain, sharp = tmp_path / "plain.pt", tmp_path / "sharp.pt"
+    assert distill.main(argv(data, plain, "--steps", "2", "--seed", "3")) == 0
+    assert distill.main(argv(data, sharp, "--steps", "2", "--seed", "3", "--entropy-weight", "1")) == 0
+    (_, p), (_, s) = (load_checkpoint(x) for x in (plain, sharp))
+    assert p["provenance"]["entropy_weight"] == 0 and s["provenance"]["entropy_weight"] == 1
+    assert not all(torch.equal(p["state_dict"][k], s["state_dict"][k]) for k in p["state_dict"])
+    for bad in ("-1", "inf", "nan"):
+        with pytest.raises(SystemExit) as exc:
+            distill.parse_args(argv(data, tmp_path / "bad.pt", "--entropy-weight", bad))
+        assert exc.value.code == 2
 
 
 def test_label_weight_uses_the_labels_and_resumes_exactly(data, tmp_path):

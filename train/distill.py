@@ -45,7 +45,7 @@ from train.setup import (DistillError, batch_at, choose_labels, grid_list, init_
                          level_weights, load_set, param_groups, run_command, set_patch_stats, use_bf16)
 from train.augment import Augment
 from train.dense import DenseHead, channel_stats, mirror_grid, pool_grid
-from train.losses import distill_loss, label_loss, lr_at, self_distill_loss
+from train.losses import distill_loss, entropy_loss, label_loss, lr_at, self_distill_loss
 from train.mix import cutmix
 from train.teacher_cache import default_cache_dir, teacher_embeddings, teacher_targets, with_augmented_views
 from train.teacher_onnx import BACKENDS
@@ -102,6 +102,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="add W x the KL of every earlier level's head softmax to the last level's (detached, at "
                         "--temperature): the last level teaches the earlier ones, whose early exits stand in for it "
                         "(0: off)")
+    p.add_argument("--entropy-weight", type=float, default=0.0, metavar="W",
+                   help="add W x the entropy of every level's head softmax, on every image: fewer near-ties between "
+                        "classes, whose answers int8 rounding flips (0: off)")
     p.add_argument("--cutmix", type=float, default=0.0, metavar="P",
                    help="paste a box of whole token cells from another image of the batch into a share P of the "
                         "samples, with area-mixed teacher targets (train.mix; 0: off)")
@@ -141,6 +144,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("kl_weight", "dense_weight", "weight_decay", "clip_grad"):
         if getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0")
+    if not 0 <= args.entropy_weight < math.inf:
+        p.error("--entropy-weight must be a finite number >= 0")
     if not 0 <= args.self_weight < math.inf:
         p.error("--self-weight must be a finite number >= 0")
     if args.temperature <= 0:
@@ -296,7 +301,7 @@ def run(args: argparse.Namespace, stop_after: int | None = None) -> dict:
             "labels": {"source": args.labels or "default", "count": len(labels)},
             "teacher_cache": {k: tstats[k] for k in CACHE_STATS},
             "aug_views": args.aug_views, "cutmix": args.cutmix, "label_weight": args.label_weight,
-            "self_weight": args.self_weight,
+            "self_weight": args.self_weight, "entropy_weight": args.entropy_weight,
             "labelled": None if label_rows is None else int((label_rows >= 0).sum()),
             "aug_cache": None if astats is None else {k: astats[k] for k in CACHE_STATS},
             "steps": step, "epochs": round(step * bsz / n, 3), "batch_size": bsz, "lr": args.lr,
@@ -362,6 +367,8 @@ def run(args: argparse.Namespace, stop_after: int | None = None) -> dict:
             if args.self_weight:
                 parts.total = parts.total + args.self_weight * self_distill_loss(embs, weights, head_dev.logits,
                                                                                  args.temperature)
+            if args.entropy_weight:
+                parts.total = parts.total + args.entropy_weight * entropy_loss(embs, weights, head_dev.logits)
             opt.zero_grad(set_to_none=True)
             parts.total.backward()
             if args.clip_grad:

@@ -74,6 +74,15 @@ def self_distill_loss(student: Sequence[torch.Tensor], level_weights: Sequence[f
     return sum(w * kl_distill(logits(s), last, temperature) for w, s in zip(level_weights[:-1], student[:-1]))
 
 
+def entropy_loss(student: Sequence[torch.Tensor], level_weights: Sequence[float],
+                 logits: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Weighted sum over levels of the mean entropy of the head softmax through ``logits`` (entropy minimisation,
+    Grandvalet & Bengio, NeurIPS 2004): every image, labelled or not, is pushed away from a tie between classes, the
+    images whose answer any rounding (int8) flips."""
+    return sum(w * -(F.log_softmax(z, -1) * F.softmax(z, -1)).sum(-1).mean()
+               for w, z in ((w, logits(s)) for w, s in zip(level_weights, student)))
+
+
 def lr_at(step: int, total: int, base_lr: float, warmup: int, min_ratio: float = 0.0) -> float:
     """Linear warmup for ``warmup`` steps, then cosine decay to ``min_ratio * base_lr`` at ``total``."""
     if step < warmup:
