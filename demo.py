@@ -9,18 +9,20 @@
 """
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import sys
 from pathlib import Path
+
+from runtime.cli import ArgumentParser
 
 REPO = Path(__file__).resolve().parent
 DEMO = REPO / "models" / "waveclip-demo"
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python demo.py", description=__doc__.splitlines()[0],
+                       epilog="Exit status: 0 done, 1 no image could be read, 2 bad input (images, --out).")
     p.add_argument("images", nargs="*", default=[str(REPO / "examples" / "images")], help="images or folders")
     p.add_argument("--out", type=Path, default=REPO / "out" / "demo", help="where the exported bundle goes")
     args = p.parse_args()
@@ -34,8 +36,9 @@ def main() -> int:
         from export.onnx import main as export
 
         print(f"== 1. export {DEMO / 'ckpt.pt'} -> {args.out / 'bundle'} (validated against PyTorch)", flush=True)
-        if export([str(DEMO / "ckpt.pt"), "-o", str(args.out / "bundle"), "--force", "--images", *args.images]) != 0:
-            return 1
+        rc = export([str(DEMO / "ckpt.pt"), "-o", str(args.out / "bundle"), "--force", "--images", *args.images])
+        if rc:
+            return rc  # its one-line error is on stderr
         bundle = args.out / "bundle"
     else:
         print("== 1. torch not installed: using the shipped fp32 bundle", flush=True)

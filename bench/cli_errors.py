@@ -5,11 +5,14 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
+from devices.baseline import BaselineError
+from runtime.backends import BackendError
 from runtime.data import DataError
 from runtime.errors import BundleError
 from runtime.preprocess import ImageError
 
-INPUT_ERRORS: tuple[type[BaseException], ...] = (BundleError, DataError, ImageError, FileNotFoundError)
+INPUT_ERRORS: tuple[type[BaseException], ...] = (BundleError, DataError, ImageError, FileNotFoundError, BackendError,
+                                                 BaselineError)
 try:  # checkpoints and teachers need torch, which a runtime-only install lacks
     from model.checkpoint import CheckpointError
     from model.teachers import TeacherError

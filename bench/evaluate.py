@@ -9,7 +9,6 @@ with the bundle's label set. Cascade points are simulated exactly from the per-l
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -22,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from calibration.gate import measure_levels  # noqa: E402
 from calibration.gate_search import LevelStats, simulate  # noqa: E402
 from runtime.cascade import Cascade  # noqa: E402
+from runtime.cli import ArgumentParser, integer, output_file  # noqa: E402
 from runtime.data import read_image_list  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,17 +54,21 @@ def level_table(name: str, stats: LevelStats) -> list[dict]:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--bundle", type=Path, default=DEMO / "bundle")
-    p.add_argument("--int8", type=Path, default=DEMO / "bundle-int8", help="int8 bundle (onnxruntime QDQ)")
-    p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "tiny-imagenet-200" / "labels.csv"))
-    p.add_argument("--split", default="val")
-    p.add_argument("--limit", type=int, default=2000)
+    p = ArgumentParser(prog="python bench/evaluate.py", description=__doc__.splitlines()[0])
+    p.add_argument("--bundle", type=Path, default=DEMO / "bundle", help="fp32 bundle (default the shipped demo's)")
+    p.add_argument("--int8", type=Path, help="int8 bundle (onnxruntime QDQ; default the shipped demo's)")
+    p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "tiny-imagenet-200" / "labels.csv"),
+                   help="labelled images: a folder or CSV (default Tiny-ImageNet's labels.csv)")
+    p.add_argument("--split", default="val", help="CSV split (default val)")
+    p.add_argument("--limit", type=integer(1), default=2000, help="images, a class-balanced spread (default 2000)")
     p.add_argument("--teacher", help="teacher spec (default: the one named in the bundle's export provenance)")
-    p.add_argument("--no-openvino", action="store_true")
-    p.add_argument("--json", type=Path)
-    p.add_argument("--markdown", type=Path)
+    p.add_argument("--no-openvino", action="store_true", help="onnxruntime rows only")
+    p.add_argument("--json", type=output_file, help="also write the numbers here")
+    p.add_argument("--markdown", type=output_file, help="also write the tables here")
     args = p.parse_args()
+    if args.int8 is not None and not args.int8.exists():  # the default is skipped where absent, a given one is not
+        p.error(f"--int8 {args.int8}: no such bundle folder")
+    args.int8 = args.int8 or DEMO / "bundle-int8"
 
     t0 = time.time()
     records = read_image_list(args.data, split=args.split, limit=args.limit)
@@ -98,9 +102,9 @@ def main() -> int:
     md = render(out, runs)
     print(md)
     if args.markdown:
-        args.markdown.write_text(md)
+        Path(args.markdown).write_text(md)
     if args.json:
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     return 0
 
 

@@ -24,7 +24,9 @@ from calibration.gate import measure_levels, split_indices  # noqa: E402
 from calibration.gate_search import (NEVER, LevelStats, Target, candidate_thresholds, evaluate_grid, pick,  # noqa: E402
                                      simulate, simulate_many)
 from runtime.cascade import Cascade  # noqa: E402
-from runtime.data import read_image_list  # noqa: E402
+from runtime.cli import ArgumentParser, integer, number, output_file  # noqa: E402
+from runtime.data import DataError, read_image_list  # noqa: E402
+from runtime.errors import one_line  # noqa: E402
 
 
 def shared_threshold(fit: LevelStats, max_drop: float) -> list[float]:
@@ -43,26 +45,33 @@ def in_sample_saving(stats: LevelStats, max_drop: float, max_combos: int = 1 << 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("bundle")
-    p.add_argument("--data", required=True)
-    p.add_argument("--split")
-    p.add_argument("--max-drop", type=float, default=0.01)
-    p.add_argument("--holdout", type=float, default=0.3)
-    p.add_argument("--repeats", type=int, default=20)
+    p = ArgumentParser(prog="python bench/gate_methods.py", description=__doc__.splitlines()[0])
+    p.add_argument("bundle", help="bundle folder")
+    p.add_argument("--data", required=True, help="labelled images: a folder or CSV")
+    p.add_argument("--split", help="CSV split to use (e.g. calib)")
+    p.add_argument("--max-drop", type=number(0, below=1), default=0.01, help="accuracy drop allowed (default 0.01)")
+    p.add_argument("--holdout", type=number(above=0, below=1), default=0.3, help="share held apart (default 0.3)")
+    p.add_argument("--repeats", type=integer(1), default=20, help="random splits (default 20)")
     p.add_argument("--z", default="1", help="comma-separated standard errors to try with exhaustive-se")
-    p.add_argument("--stats", type=Path, help="per-level predictions: read if present, else measured and written")
-    p.add_argument("--max-combos", type=int, default=1 << 15)
+    p.add_argument("--stats", type=output_file,
+                   help="per-level predictions: read if present, else measured and written")
+    p.add_argument("--max-combos", type=integer(1), default=1 << 15, help="threshold grid size (default 32768)")
     args = p.parse_args(argv)
-    if args.stats and args.stats.is_file():
-        z = np.load(args.stats)
-        stats = LevelStats(z["pred"], z["margin"], z["target"], z["cum_gflops"])
+    try:
+        zs = [0.0] + [number(0)(x) for x in args.z.split(",")]
+    except argparse.ArgumentTypeError as e:
+        p.error(f"--z {args.z!r}: {e}")
+    if args.stats and Path(args.stats).is_file():
+        try:
+            z = np.load(args.stats)
+            stats = LevelStats(z["pred"], z["margin"], z["target"], z["cum_gflops"])
+        except (OSError, ValueError, KeyError) as e:
+            raise DataError(f"{args.stats}: not a --stats file written by this script ({one_line(e)})") from None
     else:
         stats = measure_levels(Cascade(args.bundle), read_image_list(args.data, args.split), progress=True)
         if args.stats:
             np.savez(args.stats, pred=stats.pred, margin=stats.margin, target=stats.target, cum_gflops=stats.cum_gflops)
 
-    zs = [0.0] + [float(x) for x in args.z.split(",")]
     names = ["exhaustive" if z == 0 else f"exhaustive-se (z={z:g})" for z in zs]
     rows: dict[str, list] = {name: [] for name in [names[0], "shared", *names[1:]]}
     for seed in range(args.repeats):

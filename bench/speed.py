@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +38,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from runtime.bundle import Bundle, load_bundle  # noqa: E402
-from runtime.cli import key_value  # noqa: E402
+from runtime.cli import ArgumentParser, integer, key_value, output_file  # noqa: E402
 from runtime.timing import exit_plan, parse_exit_mix  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -178,12 +178,13 @@ def probe_memory(spec: dict) -> dict:
     return rss_mib()
 
 
-def memory(s: Setup, what: str, images_file: str, threads: int) -> dict:
-    spec = {"setup": {k: v for k, v in vars(s).items() if k not in ("times", "vit_row", "agreement")},
-            "what": what, "images": images_file,
-            "threads": threads}
-    out = subprocess.run([sys.executable, __file__, "--probe-memory", json.dumps(spec)], capture_output=True,
-                         text=True, cwd=REPO)
+def memory(s: Setup, what: str, images: np.ndarray, threads: int) -> dict:
+    with tempfile.TemporaryDirectory(prefix="speed-images-") as tmp:  # gone however the probe ends
+        np.save(Path(tmp) / "images.npy", images)
+        spec = {"setup": {k: v for k, v in vars(s).items() if k not in ("times", "vit_row", "agreement")},
+                "what": what, "images": str(Path(tmp) / "images.npy"), "threads": threads}
+        out = subprocess.run([sys.executable, __file__, "--probe-memory", json.dumps(spec)], capture_output=True,
+                             text=True, cwd=REPO)
     if out.returncode:
         return {"rss_mib": None, "peak_mib": None, "error": out.stderr.strip().splitlines()[-1:]}
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -215,16 +216,16 @@ def measure(items: dict[str, Callable[[], Any]], rounds: int, warmup: int, progr
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python bench/speed.py", description=__doc__.splitlines()[0])
     p.add_argument("bundles", nargs="*", metavar="BUNDLE", help="bundle folders: fp32 and/or int8")
-    p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "imagenet-sample"),
+    p.add_argument("--data",
                    help="real images (folder or CSV); default ../shared/data/imagenet-sample, else examples/images")
-    p.add_argument("--images", type=int, default=10, help="real images to cycle through (default 10)")
+    p.add_argument("--images", type=integer(1), default=10, help="real images to cycle through (default 10)")
     p.add_argument("--mix", default="40,30,20,10", help="forced exit mix, one value per level (default 40,30,20,10)")
-    p.add_argument("--rounds", type=int, default=6, help="timed rounds at batch 1 (default 6)")
-    p.add_argument("--batch", type=int, default=8, help="batch for throughput (default 8)")
-    p.add_argument("--batch-rounds", type=int, default=2, help="timed rounds at --batch (default 2)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=integer(1), default=6, help="timed rounds at batch 1 (default 6)")
+    p.add_argument("--batch", type=integer(1), default=8, help="batch for throughput (default 8)")
+    p.add_argument("--batch-rounds", type=integer(1), default=2, help="timed rounds at --batch (default 2)")
+    p.add_argument("--threads", type=integer(1), default=2, help="intra-op threads (default 2)")
     p.add_argument("--ort-weights", default="levels,split",
                    help="ONNX Runtime weights modes to time, of levels, split (runtime.backends.ort; default "
                         "levels,split; split needs the bundle's split graphs)")
@@ -239,11 +240,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vit", default="auto", metavar="auto|PATH.onnx",
                    help="the baseline: auto = open_clip ViT-B-16 exported once (devices.baseline), or an ONNX file")
     p.add_argument("--no-memory", action="store_true", help="skip the resident-memory probes")
-    p.add_argument("--memory-json", metavar="PATH",
+    p.add_argument("--memory-json", type=output_file, metavar="PATH",
                    help="reuse the memory probes stored here (or store them here when the file does not exist)")
     p.add_argument("--prepare", action="store_true",
                    help="only make the baselines and memory probes (--memory-json), e.g. before a quiet timed run")
-    p.add_argument("--json", help="write every number here")
+    p.add_argument("--json", type=output_file, help="write every number here")
     p.add_argument("--probe-memory", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.probe_memory:
@@ -254,6 +255,10 @@ def main(argv: list[str] | None = None) -> int:
     spinning = tuple(args.ort_spinning.split(","))
     if not set(spinning) <= {"on", "off"}:
         p.error(f"--ort-spinning {args.ort_spinning!r}: a comma list of on, off")
+    for flag, value, known in (("--ort-weights", args.ort_weights, {"levels", "split"}),
+                               ("--ov-weights", args.ov_weights, {"levels", "split", "none"})):
+        if not set(value.split(",")) <= known:
+            p.error(f"{flag} {value!r}: a comma list of {', '.join(sorted(known))}")
     log = lambda s: print(s, file=sys.stderr)  # noqa: E731
     try:
         from tqdm import tqdm
@@ -271,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     from runtime.stream import PooledCascade
     from runtime.wavelet import images_to_levels
 
-    data = args.data if Path(args.data).exists() else str(REPO / "examples" / "images")
+    default = REPO.parent / "shared" / "data" / "imagenet-sample"  # a --data given must exist (read_image_list)
+    data = args.data or str(default if default.exists() else REPO / "examples" / "images")
     spec = bundles[0].preprocessing
     images, _, _ = load_images(read_image_list(data, limit=args.images), spec)
     L = bundles[0].num_levels
@@ -280,8 +286,6 @@ def main(argv: list[str] | None = None) -> int:
     pooled_plan = exit_plan(mix, args.batch * POOLED_BATCHES)
     run = setups(bundles, images, args.threads, args.ort_weights.split(","), log, args.vit,
                  tuple(w for w in args.ov_weights.split(",") if w != "none"), dict(args.ov_property), spinning)
-    images_file = str(Path(os.environ.get("TMPDIR", "/tmp")) / f"speed-images-{os.getpid()}.npy")
-    np.save(images_file, images)
 
     items: dict[str, Callable[[], Any]] = {}
     batch_items: dict[str, Callable[[], Any]] = {}
@@ -350,11 +354,11 @@ def main(argv: list[str] | None = None) -> int:
     elif not args.no_memory:
         for s in run:  # resident memory is not a timing: measured in fresh processes before the timed rounds
             log(f"memory: {s.label} ...")
-            mem[s.label] = memory(s, "cascade", images_file, args.threads)
+            mem[s.label] = memory(s, "cascade", images, args.threads)
             if load_bundle(s.bundle, verify=False).has_full:
-                mem[f"{s.label}|onepass"] = memory(s, "onepass", images_file, args.threads)
+                mem[f"{s.label}|onepass"] = memory(s, "onepass", images, args.threads)
             if s.vit_row == s.label:
-                mem[f"{s.label}|vit"] = memory(s, "vit", images_file, args.threads)
+                mem[f"{s.label}|vit"] = memory(s, "vit", images, args.threads)
         if cached is not None:
             cached.write_text(json.dumps(mem, indent=2) + "\n")
     if args.prepare:
@@ -373,7 +377,6 @@ def main(argv: list[str] | None = None) -> int:
         t1.update(measure(group, args.rounds, 0, progress))
         tb.update(measure({k: fn for k, fn in batch_items.items() if k.split("|")[0] in labels},
                           args.batch_rounds, 1, progress))
-    Path(images_file).unlink(missing_ok=True)
     report = summarize(run, t1, tb, mem, mix, args, L, PER_CALL)
     print(format_table(report))
     if args.json:

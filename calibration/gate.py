@@ -25,7 +25,7 @@ from runtime.backends import BACKENDS, BackendError, create_backend
 from runtime.bundle import MANIFEST, Bundle, BundleError, load_bundle
 from runtime.cascade import Cascade, margins
 from runtime.atomic import write_text_atomic
-from runtime.cli import ArgumentParser, integer, number
+from runtime.cli import ArgumentParser, integer, number, output_folder
 from runtime.data import DataError, ImageRecord, load_images, portable_source, read_image_list
 from runtime.timing import exit_cost_times
 from runtime.wavelet import images_to_levels
@@ -163,7 +163,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--holdout", type=number(0, below=1), default=0.3,
                    help="fraction in [0, 1) held apart for reporting (default 0.3)")
     p.add_argument("--seed", type=integer(0), default=0)
-    p.add_argument("--out-dir", help="where gate_curve.csv/png go (default BUNDLE/calibration)")
+    p.add_argument("--out-dir", type=output_folder, help="where gate_curve.csv/png go (default BUNDLE/calibration)")
     p.add_argument("--dry-run", action="store_true", help="report, but leave the manifest unchanged")
     p.add_argument("--backend", default="onnxruntime", choices=BACKENDS, help="backend to measure levels with")
     p.add_argument("--batch-size", type=integer(1), default=32)
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         return run(args)
-    except (GateError, BundleError, DataError, BackendError, ValueError) as e:
+    except (GateError, BundleError, DataError, BackendError, ValueError, OSError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
 

@@ -31,7 +31,7 @@ from calibration.reader import CascadeCalibrationReader, level_feeds
 from export.weights import SharedWeights, save_graph
 from runtime.bundle import (MANIFEST, Bundle, BundleError, check_manifest, load_bundle, sha256_file, staged_output,
                             write_manifest)
-from runtime.cli import ArgumentParser, integer, number
+from runtime.cli import ArgumentParser, integer, number, output_folder
 from runtime.data import DataError, ImageRecord, load_images, portable_source, read_image_list, spread
 from runtime.errors import one_line
 from runtime.wavelet import images_to_levels
@@ -167,6 +167,14 @@ def quantize_bundle(bundle_path: str | Path, out: str | Path, data: str, *, spli
     if fp32.manifest["precision"] != "fp32" or fp32.manifest.get("graph_format", "onnx") != "onnx":
         raise QuantizeError(f"{bundle_path}: quantization needs an fp32 ONNX bundle, this one is "
                             f"{fp32.manifest['precision']} {fp32.manifest.get('graph_format', 'onnx')}")
+    if ops:  # a typo would quantize nothing, yet write an "int8" bundle
+        graph_ops = {n.op_type for k in range(fp32.num_levels)
+                     for n in onnx.load(str(fp32.level_path(k)), load_external_data=False).graph.node}
+        unknown = [o for o in ops if not onnx.defs.has(o)]
+        if unknown or not graph_ops & set(ops):
+            why = (f"{', '.join(unknown)} is not an ONNX op type" if unknown else
+                   f"none is an op type of the level graphs ({', '.join(sorted(graph_ops))})")
+            raise QuantizeError(f"--quantize-ops {','.join(ops)}: {why}")
     out = Path(out)
     if out.exists() and not force:
         raise QuantizeError(f"{out} already exists (use --force to replace it)")
@@ -325,7 +333,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, metavar="DIR_OR_CSV",
                    help="calibration images: a folder (recursive) or a CSV with a path column (and optional split)")
     p.add_argument("--split", help="CSV split to calibrate on (e.g. train)")
-    p.add_argument("-o", "--output", required=True, help="int8 bundle folder to create")
+    p.add_argument("-o", "--output", required=True, type=output_folder, help="int8 bundle folder to create")
     p.add_argument("--backend", default="onnxruntime", choices=BACKENDS,
                    help="onnxruntime: QDQ ONNX for ONNX Runtime CPU (default); openvino: NNCF int8 OpenVINO IR; "
                         "tensorrt: symmetric int8 QDQ ONNX for TensorRT explicit quantization (engines built on the "

@@ -1,11 +1,11 @@
 """``python -m devices {list,show,trtexec}``: browse device profiles, print on-device TensorRT commands."""
 from __future__ import annotations
 
-import argparse
 import sys
 
 from devices.profile_config import DeviceProfile, ProfileError, list_profiles, load_profile, required_extra
 from devices.trtexec import BundleError, trtexec_script
+from runtime.cli import ArgumentParser
 
 
 def _threads(p: DeviceProfile) -> str:
@@ -45,7 +45,7 @@ def format_profile(p: DeviceProfile) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m devices", description="WaveCLIP device profiles.")
+    parser = ArgumentParser(prog="python -m devices", description="WaveCLIP device profiles.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{list,show,trtexec}")
     sub.add_parser("list", help="table of the shipped profiles", description="Table of the shipped profiles.")
     show = sub.add_parser("show", help="print one profile", description="Print one profile and its setup notes.")

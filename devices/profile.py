@@ -40,8 +40,9 @@ from runtime.backends import BackendError, create_backend
 from runtime.bundle import Bundle, BundleError, load_bundle
 from runtime.atomic import write_text_atomic
 from runtime.cascade import Cascade
-from runtime.cli import ArgumentParser, integer
+from runtime.cli import ArgumentParser, integer, output_file
 from runtime.data import DataError, load_images, read_image_list
+from runtime.errors import one_line
 from runtime.preprocess import ImageError
 from runtime.timing import parse_exit_mix
 from runtime.wavelet import images_to_levels
@@ -279,9 +280,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "an fp32 bundle)")
     p.add_argument("--allow-precision-mismatch", action="store_true",
                    help="time the bundle even when its precision differs from the profile's")
-    p.add_argument("--json", metavar="OUT", help="write every number to this JSON file")
-    p.add_argument("--markdown", metavar="OUT", help="also write the Markdown report to this file")
-    p.add_argument("--png", metavar="OUT", help="write a chart (latency per level vs cascade vs always-full vs ViT)")
+    p.add_argument("--json", type=output_file, metavar="OUT", help="write every number to this JSON file")
+    p.add_argument("--markdown", type=output_file, metavar="OUT", help="also write the Markdown report to this file")
+    p.add_argument("--png", type=output_file, metavar="OUT",
+                   help="write a chart (latency per level vs cascade vs always-full vs ViT)")
     p.add_argument("--no-power-sample", action="store_true",
                    help="on Jetson, skip the ~1 s tegrastats power sample in the machine record")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log lines on stderr")
@@ -308,12 +310,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     text = format_markdown(report)
     sys.stdout.write(text)
-    if args.markdown:
-        write_text_atomic(args.markdown, text)
-    if args.json:
-        write_text_atomic(args.json, json.dumps(report, indent=2, default=_json_default) + "\n")
-    if args.png:
-        plot_png(report, args.png)
+    try:  # the report is on stdout already
+        if args.markdown:
+            write_text_atomic(args.markdown, text)
+        if args.json:
+            write_text_atomic(args.json, json.dumps(report, indent=2, default=_json_default) + "\n")
+        if args.png:
+            plot_png(report, args.png)
+    except OSError as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
     for kind, path in (("json", args.json), ("markdown", args.markdown), ("png", args.png)):
         if path:
             log(f"wrote {path}")

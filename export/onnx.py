@@ -33,7 +33,7 @@ from model.checkpoint import CheckpointError, load_checkpoint
 from model.config import WaveCLIPConfig
 from runtime.bundle import (BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, BundleError, load_bundle, sha256_file,
                             staged_output, write_array, write_manifest)
-from runtime.cli import ArgumentParser, integer, number
+from runtime.cli import ArgumentParser, integer, number, output_folder
 from runtime.errors import one_line
 from runtime.preprocess import ImageError, preprocess
 
@@ -213,8 +213,9 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Exit status: 0 exported and validated, 1 validation failed (nothing written), "
                "2 bad input (checkpoint, output folder, images, --levels).")
     p.add_argument("checkpoint", help="WaveCLIP checkpoint (ckpt.pt, see model/checkpoint.py)")
-    p.add_argument("-o", "--output", help="bundle folder to create (default: beside the checkpoint, named from it: "
-                                          "ckpt.pt -> ckpt-bundle, with --fp16 ckpt-fp16-bundle)")
+    p.add_argument("-o", "--output", type=output_folder,
+                   help="bundle folder to create (default: beside the checkpoint, named from it: ckpt.pt -> "
+                        "ckpt-bundle, with --fp16 ckpt-fp16-bundle)")
     p.add_argument("--opset", type=integer(MIN_OPSET, onnx.defs.onnx_opset_version()), default=DEFAULT_OPSET,
                    help=f"ONNX opset, {MIN_OPSET}..{onnx.defs.onnx_opset_version()} (default {DEFAULT_OPSET})")
     p.add_argument("--levels", help="levels to export, a prefix such as 0,1 (default: all)")

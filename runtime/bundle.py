@@ -14,6 +14,7 @@ from typing import Iterator
 import numpy as np
 
 from runtime.atomic import replace_dir
+from runtime.cli import unwritable
 from runtime.errors import BundleError  # noqa: F401  (re-exported: callers import it from here)
 from runtime.manifest_check import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, check_manifest  # noqa: F401
 
@@ -112,7 +113,8 @@ def load_bundle(path: str | os.PathLike, verify: bool = True) -> Bundle:
     path = Path(path)
     mpath = path / MANIFEST
     if not mpath.is_file():
-        raise BundleError(f"{path}: not a bundle (no {MANIFEST})")
+        raise BundleError(f"{path}: not a bundle (no {MANIFEST})" if path.exists() else
+                          f"{path}: no such bundle folder")
     try:
         manifest = json.loads(mpath.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
@@ -173,8 +175,11 @@ def staged_output(out: str | os.PathLike, force: bool = False) -> Iterator[Path]
     out = Path(out)
     if out.exists() and not force:
         raise BundleError(f"{out} already exists (use --force to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    except OSError as e:  # name the output asked for, not the staging folder
+        raise BundleError(f"cannot create {out}: {unwritable(out, folder=True) or e.strerror or e}") from None
     tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be shared
     try:
         yield tmp

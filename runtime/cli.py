@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+from pathlib import Path
 from typing import Callable
 
 
@@ -61,3 +63,33 @@ def key_value(text: str) -> tuple[str, int | str]:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     value = value.strip()
     return key.strip(), int(value) if value.lstrip("-").isdigit() else value
+
+
+def unwritable(path: str | os.PathLike, folder: bool = False) -> str | None:
+    """Why ``path`` (a file, or with ``folder`` a folder) cannot be written, as far as can be told before writing: a
+    folder where the file goes, a file where a folder goes, a folder that does not let us in; None where it can."""
+    p = Path(path).expanduser()
+    if p.exists():
+        return None if p.is_dir() == folder else f"{p} is a file, not a folder" if folder else f"{p} is a folder"
+    parent = p.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{parent} is a file, not a folder"
+    return None if os.access(parent, os.W_OK | os.X_OK) else f"cannot create anything in {parent}"
+
+
+def output_file(text: str) -> str:
+    """An argparse type: a file to write, refused before any work where it cannot be written."""
+    why = unwritable(text)
+    if why:
+        raise argparse.ArgumentTypeError(f"cannot write {text}: {why}")
+    return text
+
+
+def output_folder(text: str) -> str:
+    """An argparse type: a folder to create or write into, refused before any work where it cannot be."""
+    why = unwritable(text, folder=True)
+    if why:
+        raise argparse.ArgumentTypeError(f"cannot write {text}: {why}")
+    return text

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from runtime.cli import ArgumentParser, integer, output_file
+
 REPO = Path(__file__).resolve().parents[1]
 NO_NORM = ["--no-patch-norm"]
 NATIVE = ["--teacher-view", "native"]  # the teacher on the full-resolution file, as before the student view
@@ -71,18 +73,21 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.ablation", description=__doc__.splitlines()[0])
-    p.add_argument("--work", type=Path, default=REPO / "out" / "demo-work")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--eval-limit", type=int, default=1000, help="calib images to evaluate on (default 1000)")
-    p.add_argument("--variants", default="baseline,kl1000,dense,dense_kl1000,native_view,default")
-    p.add_argument("--json", type=Path, help="also write the rows here")
+    p = ArgumentParser(prog="python -m train.ablation", description=__doc__.splitlines()[0])
+    p.add_argument("--work", type=Path, default=REPO / "out" / "demo-work",
+                   help="the demo recipe's work folder, with its distill.csv (default out/demo-work)")
+    p.add_argument("--steps", type=integer(1), default=300, help="student steps per variant (default 300)")
+    p.add_argument("--threads", type=integer(1), default=2, help="torch threads (default 2)")
+    p.add_argument("--eval-limit", type=integer(1), default=1000, help="calib images to evaluate on (default 1000)")
+    p.add_argument("--variants", default="baseline,kl1000,dense,dense_kl1000,native_view,default",
+                   help=f"comma-separated, of {', '.join(VARIANTS)} (default the first six)")
+    p.add_argument("--json", type=output_file, help="also write the rows here")
     args = p.parse_args(argv)
     names = [v for v in args.variants.split(",") if v]
     unknown = [v for v in names if v not in VARIANTS]
-    if unknown or args.steps < 1:
-        print(f"error: unknown variant(s) {unknown} (known: {', '.join(VARIANTS)}) or --steps < 1", file=sys.stderr)
+    if unknown or not names:
+        why = f"unknown {', '.join(unknown)}" if unknown else "none given"
+        print(f"error: --variants {args.variants!r}: {why} (known: {', '.join(VARIANTS)})", file=sys.stderr)
         return 2
     if not (args.work / "distill.csv").is_file():
         print(f"error: {args.work}/distill.csv not found: run `python -m train.recipe_demo` first", file=sys.stderr)
@@ -91,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         rows.append(run_variant(name, args))
         if args.json:
-            args.json.write_text(json.dumps(rows, indent=2) + "\n")
+            Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
     print("\n" + markdown(rows))
     return 0
 

@@ -37,6 +37,7 @@ from model.checkpoint import read_checkpoint, save_checkpoint
 from model.config import WaveCLIPConfig, get_preset
 from model.teachers import Head, Teacher, TeacherError, load_teacher
 from model.waveclip import WaveCLIP
+from runtime.cli import ArgumentParser, integer, number
 from runtime.data import read_image_list, records_digest
 from runtime.wavelet import images_to_levels
 from train.evaluate import evaluate, head_rows
@@ -56,33 +57,33 @@ LOSS_WINDOW = 50  # steps averaged into the reported final losses
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m train.distill", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m train.distill", description=__doc__.split("\n\n")[0])
     p.add_argument("--teacher", required=True, help="efficientnet-lite0 | open_clip:ARCH[:PRETRAINED_OR_PATH]")
     p.add_argument("--data", required=True, help="image folder or CSV (path/file + optional wnid/label, split)")
     p.add_argument("--split", help="rows of the CSV's split column to use (e.g. train)")
-    p.add_argument("--limit", type=int, help="use a deterministic, class-balanced subset of N images")
+    p.add_argument("--limit", type=integer(1), help="use a deterministic, class-balanced subset of N images")
     p.add_argument("--preset", required=True, help="waveclip-b16 | waveclip-demo | waveclip-tiny")
     p.add_argument("--out", required=True, type=Path, help="checkpoint to write (and to --resume from)")
     p.add_argument("--labels", help="imagenet1k | from-data | FILE (one wnid or class name a line); "
                                     "default: from-data when the data has labels, else imagenet1k")
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--epochs", type=float, help="passes over the data (default 1)")
-    budget.add_argument("--steps", type=int, help="total optimizer steps (instead of --epochs)")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, help=f"peak learning rate (default {LR_SCRATCH} from scratch, {LR_VIT_INIT} "
-                                          "when starting from the teacher's ViT)")
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--warmup", type=int, help="warmup steps (default 5%% of the steps)")
-    p.add_argument("--clip-grad", type=float, default=1.0, help="max gradient norm (0: off)")
-    p.add_argument("--kl-weight", type=float, default=1.0, help="weight of the KL term on the head's logits")
+    budget.add_argument("--epochs", type=number(above=0), help="passes over the data (default 1)")
+    budget.add_argument("--steps", type=integer(1), help="total optimizer steps (instead of --epochs)")
+    p.add_argument("--batch-size", type=integer(1), default=128)
+    p.add_argument("--lr", type=number(above=0), help=f"peak learning rate (default {LR_SCRATCH} from scratch, "
+                                                       f"{LR_VIT_INIT} when starting from the teacher's ViT)")
+    p.add_argument("--weight-decay", type=number(0), default=0.05)
+    p.add_argument("--warmup", type=integer(0), help="warmup steps (default 5%% of the steps)")
+    p.add_argument("--clip-grad", type=number(0), default=1.0, help="max gradient norm (0: off)")
+    p.add_argument("--kl-weight", type=number(0), default=1.0, help="weight of the KL term on the head's logits")
     p.add_argument("--kl-head", choices=["auto", "imagenet1k", "labels", "refit"], default="auto",
                    help="classes of the KL term: all 1000 ImageNet classes or the head's labels (auto: imagenet1k "
                         "for classifier teachers, whose head is free; labels for open_clip, whose zero-shot head "
                         "costs a text pass per class); refit: the head's labels with the teacher's rows first refit "
                         "on its own cached embeddings of the labelled images of --data (train.head's fit), so the KL "
                         "carries what the labels teach the teacher to every image, labelled or not")
-    p.add_argument("--temperature", type=float, default=2.0, help="softmax temperature of the KL term")
-    p.add_argument("--dense-weight", type=float, default=1.0,
+    p.add_argument("--temperature", type=number(above=0), default=2.0, help="softmax temperature of the KL term")
+    p.add_argument("--dense-weight", type=number(0), default=1.0,
                    help="weight of the dense token-level loss to the teacher's feature map (0: off)")
     p.add_argument("--teacher-views", type=int, choices=[1, 2], default=1,
                    help="teacher passes per image: 1 (mirror reuses them) or 2 (the mirror is run too)")
@@ -95,20 +96,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="augmented views per image (random-resized crop + colour jitter), teacher-run once and cached "
                         "in blocks of two (a larger K later runs the teacher on the new views only); each step draws "
                         "the plain image or one of them (0: the plain image only; needs --teacher-views 1)")
-    p.add_argument("--label-weight", type=float, default=0.0, metavar="W",
+    p.add_argument("--label-weight", type=number(0), default=0.0, metavar="W",
                    help="add W x the cross-entropy of the images' own labels (those in the head) through the "
                         "teacher's rows; 0 (default): labels unused, distillation needs none")
-    p.add_argument("--self-weight", type=float, default=0.0, metavar="W",
+    p.add_argument("--self-weight", type=number(0), default=0.0, metavar="W",
                    help="add W x the KL of every earlier level's head softmax to the last level's (detached, at "
                         "--temperature): the last level teaches the earlier ones, whose early exits stand in for it "
                         "(0: off)")
-    p.add_argument("--entropy-weight", type=float, default=0.0, metavar="W",
+    p.add_argument("--entropy-weight", type=number(0), default=0.0, metavar="W",
                    help="add W x the entropy of every level's head softmax, on every image: fewer near-ties between "
                         "classes, whose answers int8 rounding flips (0: off)")
-    p.add_argument("--cutmix", type=float, default=0.0, metavar="P",
+    p.add_argument("--cutmix", type=number(0, 1), default=0.0, metavar="P",
                    help="paste a box of whole token cells from another image of the batch into a share P of the "
                         "samples, with area-mixed teacher targets (train.mix; 0: off)")
-    p.add_argument("--patch-hidden", type=int, metavar="H",
+    p.add_argument("--patch-hidden", type=integer(0), metavar="H",
                    help="two-layer (GELU) patch embedding with H hidden units instead of the preset's (0: linear)")
     p.add_argument("--level-grids", type=grid_list, metavar="G0,G1,...",
                    help="a token grid per level, multiples of the preset's (e.g. 4,4,4,8: the finest level in 64 "
@@ -124,11 +125,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="start the student from CKPT's weights (same preset and teacher; e.g. a shipped ckpt.pt) with "
                         "a new optimizer and schedule (fine-tuning; default --lr %g); its dense head too when CKPT "
                         "keeps one; --resume still continues --out once it exists" % LR_VIT_INIT)
-    p.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps (0: only at the end)")
+    p.add_argument("--save-every", type=integer(0), default=200, help="checkpoint every N steps (0: only at the end)")
     p.add_argument("--cache-dir", type=Path, help=f"teacher output cache (default $WAVECLIP_CACHE or {default_cache_dir()})")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--threads", type=integer(1), help="torch CPU threads")
     p.add_argument("--device", default="cpu", help="torch device for teacher and student")
-    p.add_argument("--teacher-batch-size", type=int, default=64)
+    p.add_argument("--teacher-batch-size", type=integer(1), default=64)
     p.add_argument("--teacher-backend", choices=BACKENDS, default="auto",
                    help="what runs a CPU teacher for the cache, after a parity check against torch (auto: OpenVINO "
                         "when installed, then ONNX Runtime; both fp32, so the cache does not depend on it); "
@@ -136,24 +137,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "targets cached apart")
     p.add_argument("--eval-data", help="held-out folder or CSV for per-level cosine and top-1")
     p.add_argument("--eval-split")
-    p.add_argument("--eval-limit", type=int)
+    p.add_argument("--eval-limit", type=integer(1))
     args = p.parse_args(argv)
-    for name in ("batch_size", "teacher_batch_size", "threads"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
-    for name in ("kl_weight", "dense_weight", "weight_decay", "clip_grad"):
-        if getattr(args, name) < 0:
-            p.error(f"--{name.replace('_', '-')} must be >= 0")
-    if not 0 <= args.entropy_weight < math.inf:
-        p.error("--entropy-weight must be a finite number >= 0")
-    if not 0 <= args.self_weight < math.inf:
-        p.error("--self-weight must be a finite number >= 0")
-    if args.temperature <= 0:
-        p.error("--temperature must be > 0")
-    if not 0 <= args.cutmix <= 1:
-        p.error("--cutmix must be in [0, 1]")
-    if not 0 <= args.label_weight < math.inf or (args.label_weight and args.cutmix):
-        p.error("--label-weight must be a finite number >= 0, and is not for use with --cutmix (mixed images)")
+    if args.label_weight and args.cutmix:  # the values themselves are checked by their types
+        p.error("--label-weight is not for use with --cutmix (mixed images)")
     if args.aug_views and args.teacher_views == 2:
         p.error("--aug-views needs --teacher-views 1 (augmented views reuse the mirror)")
     return args

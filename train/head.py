@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from model.checkpoint import atomic_torch_save, load_checkpoint
 from model.teachers import Head, TeacherError, imagenet_classes
-from runtime.cli import integer, number
+from runtime.cli import ArgumentParser, integer, number, unwritable
 from runtime.data import read_image_list, records_digest
 from train.evaluate import head_rows, student_embeddings
 from train.setup import DistillError, load_set, run_command
@@ -144,8 +144,8 @@ def labelled_embeddings(model, ckpt: dict, source: str, split: str | None, limit
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m train.head", description=__doc__.split("\n\n")[0],
-                                epilog="Exit status: 0 written, 2 bad input (one-line error, nothing written).")
+    p = ArgumentParser(prog="python -m train.head", description=__doc__.split("\n\n")[0],
+                       epilog="Exit status: 0 written, 2 bad input (one-line error, nothing written).")
     p.add_argument("checkpoint", help="WaveCLIP checkpoint whose head to refit")
     p.add_argument("-o", "--out", required=True, type=Path, help="checkpoint to write (the same weights, the new head)")
     p.add_argument("--data", required=True, help="labelled image folder or CSV (labels: class names or wnids)")
@@ -170,6 +170,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> dict:
     if args.out.exists() and not args.force:
         raise DistillError(f"{args.out} exists (use --force to replace it)")
+    if why := unwritable(args.out):  # before the fit, not after it
+        raise DistillError(f"cannot write {args.out}: {why}")
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.time()

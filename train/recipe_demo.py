@@ -40,6 +40,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import NamedTuple
 
+from runtime.cli import ArgumentParser, integer
+
 REPO = Path(__file__).resolve().parents[1]
 PER_CLASS_CALIB = 20
 # The shipped model: 9,000 steps from scratch, then warm restarts to 16,000 and 22,000, two cached augmented views per
@@ -222,7 +224,7 @@ def record_expected(out: Path) -> dict:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(prog="python -m train.recipe_demo", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m train.recipe_demo", description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data", help="the shared data folder")
     p.add_argument("--out", type=Path, default=REPO / "models" / "waveclip-demo", help="where the shipped files go")
     p.add_argument("--work", type=Path, default=REPO / "out" / "demo-work", help="scratch (full checkpoint, splits)")
@@ -232,25 +234,22 @@ def main() -> int:
                         "augmented views per image, N:native with the teacher on the full-resolution file instead of "
                         "the student's pixels "
                         f"(default {','.join(DEFAULT_STAGES)})")
-    p.add_argument("--patch-hidden", type=int, default=PATCH_HIDDEN, metavar="H",
+    p.add_argument("--patch-hidden", type=integer(0), default=PATCH_HIDDEN, metavar="H",
                    help="two-layer patch embedding with H hidden units in every stage (train.distill --patch-hidden; "
                         f"0: linear; default {PATCH_HIDDEN}, the shipped model)")
-    p.add_argument("--label-steps", type=int, default=LABEL_STEPS, metavar="N",
+    p.add_argument("--label-steps", type=integer(0), default=LABEL_STEPS, metavar="N",
                    help="steps of the label stage after distillation (train.distill --init ... --label-weight "
                         f"{LABEL_WEIGHT}; 0: none, the head refit reads the distilled model; default {LABEL_STEPS})")
-    p.add_argument("--self-steps", type=int, default=SELF_STEPS, metavar="N",
+    p.add_argument("--self-steps", type=integer(0), default=SELF_STEPS, metavar="N",
                    help="steps of a self-distillation stage after the label stage (train.distill --init ... "
                         f"--self-weight {SELF_WEIGHT:g}: the last level teaches the earlier ones; default "
                         f"{SELF_STEPS}: none, the shipped model)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=integer(1), default=2, help="torch threads per training step (default 2)")
     p.add_argument("--skip-train", action="store_true", help="reuse WORK/ckpt-full.pt (and WORK/ckpt-labels.pt, "
                    "WORK/ckpt-self.pt)")
     p.add_argument("--from-step", choices=["head", "export", "quantize"], default="head",
                    help="resume the recipe here (after training)")
     args = p.parse_args()
-    if args.threads < 1 or min(args.patch_hidden, args.label_steps, args.self_steps) < 0:
-        print("error: --threads must be >= 1, --patch-hidden, --label-steps and --self-steps >= 0", file=sys.stderr)
-        return 2
     if args.self_steps and not args.label_steps:
         print("error: --self-steps needs the label stage (--label-steps > 0)", file=sys.stderr)
         return 2

@@ -14,9 +14,9 @@ on TensorRT 11: ``python -m devices trtexec`` prints that step).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,13 +84,18 @@ def fp16_graph(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     from runtime.bundle import BundleError, load_bundle
+    from runtime.cli import ArgumentParser, output_folder
+    from runtime.errors import one_line
 
-    p = argparse.ArgumentParser(prog="python -m runtime.backends.trt_precision",
-                                description="Write the fp16 copy of every level graph of an fp32 bundle (inputs and "
-                                            "outputs float32), for TensorRT 11 fp16 engines (strongly typed).")
+    p = ArgumentParser(prog="python -m runtime.backends.trt_precision",
+                       description="Write the fp16 copy of every level graph of an fp32 bundle (inputs and outputs "
+                                   "float32), for TensorRT 11 fp16 engines (strongly typed).",
+                       epilog="Files of the same names in OUT are replaced, and only once every copy is made. "
+                              "Exit status: 0 written, 2 bad input (bundle, OUT).")
     p.add_argument("bundle", help="an fp32 bundle folder")
-    p.add_argument("out", type=Path, help="folder for level{k}.onnx (and their .weights)")
+    p.add_argument("out", type=output_folder, help="folder for level{k}.onnx (and their .weights)")
     args = p.parse_args(argv)
+    out = Path(args.out)
     try:
         bundle = load_bundle(args.bundle)
     except BundleError as e:
@@ -100,8 +105,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.bundle}: precision {bundle.manifest['precision']!r}; an fp16 copy needs the fp32 bundle "
               "(an int8 QDQ bundle builds as it is)", file=sys.stderr)
         return 2
-    for k in range(bundle.num_levels):
-        print(fp16_graph(bundle.level_path(k), args.out / f"level{k}.onnx"))
+    try:  # every copy made in a staging folder inside OUT first: a failure leaves OUT's files as they were
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f".{out.name}.", suffix=".partial", dir=out) as tmp:
+            staged = [fp16_graph(bundle.level_path(k), Path(tmp) / f"level{k}.onnx") for k in range(bundle.num_levels)]
+            for graph in staged:  # the weights first: a level graph in OUT always finds its own
+                os.replace(f"{graph}.weights", out / f"{graph.name}.weights")
+                os.replace(graph, out / graph.name)
+                print(out / graph.name)
+    except OSError as e:
+        print(f"error: cannot write {out}: {e.strerror or one_line(e)}", file=sys.stderr)
+        return 2
     return 0
 
 
