@@ -162,11 +162,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "the data has them)")
     p.add_argument("--holdout", type=number(0, below=1), default=0.3,
                    help="fraction in [0, 1) held apart for reporting (default 0.3)")
-    p.add_argument("--seed", type=integer(0), default=0)
+    p.add_argument("--seed", type=integer(0), default=0, help="seed of the fit / held-apart split (default 0)")
     p.add_argument("--out-dir", type=output_folder, help="where gate_curve.csv/png go (default BUNDLE/calibration)")
     p.add_argument("--dry-run", action="store_true", help="report, but leave the manifest unchanged")
     p.add_argument("--backend", default="onnxruntime", choices=BACKENDS, help="backend to measure levels with")
-    p.add_argument("--batch-size", type=integer(1), default=32)
+    p.add_argument("--batch-size", type=integer(1), default=32, help="images per level run while measuring (default 32)")
     p.add_argument("--max-combos", type=integer(1), default=1 << 18, help="threshold grid size (default 262144)")
     args = p.parse_args(argv)
     if args.budget_ms is not None and not args.device:

@@ -5,7 +5,7 @@ import sys
 
 from devices.profile_config import DeviceProfile, ProfileError, list_profiles, load_profile, required_extra
 from devices.trtexec import BundleError, trtexec_script
-from runtime.cli import ArgumentParser
+from runtime.cli import ArgumentParser, exit_with
 
 
 def _threads(p: DeviceProfile) -> str:
@@ -72,4 +72,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

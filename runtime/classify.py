@@ -15,7 +15,7 @@ from runtime.backends import BACKENDS, KV_PRECISIONS, BackendError
 from runtime.backends.ort import WEIGHTS
 from runtime.bundle import BundleError, load_bundle
 from runtime.cascade import Cascade, Result
-from runtime.cli import ArgumentParser, integer, key_value, threshold
+from runtime.cli import ArgumentParser, exit_with, integer, key_value, threshold
 from runtime.data import ImageRecord, load_images
 from runtime.errors import one_line
 from runtime.preprocess import list_images
@@ -167,4 +167,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -63,6 +64,18 @@ def key_value(text: str) -> tuple[str, int | str]:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     value = value.strip()
     return key.strip(), int(value) if value.lstrip("-").isdigit() else value
+
+
+def exit_with(main: Callable[[], int]) -> None:
+    """``sys.exit(main())`` for a command whose output may go to a pipe that closes early (``| head``): that ends the
+    command quietly (exit 0), as it does for other Unix tools, instead of a BrokenPipeError traceback."""
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the interpreter's own flush at exit
+        code = 0
+    sys.exit(code)
 
 
 def unwritable(path: str | os.PathLike, folder: bool = False) -> str | None:

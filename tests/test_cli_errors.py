@@ -1,6 +1,7 @@
 """Every command answers bad input as the package's commands do: one line on stderr starting with ``error:``, exit 2,
 no usage dump, no traceback, nothing written, before any work starts (runtime/cli.py)."""
 import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 
@@ -256,3 +257,24 @@ def test_demo_passes_on_the_export_exit_status(monkeypatch, capsys, tmp_path):
     assert err.splitlines() == [f"error: {missing}: no such file"]
     assert not (tmp_path / "out").exists()
 
+
+
+@pytest.mark.parametrize("argv", [["-m", "devices", "list"], ["-m", "runtime.classify", BUNDLE, IMAGES]])
+def test_a_closed_pipe_ends_the_command_quietly(argv):
+    """`... | head` closes the pipe before the command writes: exit 0 and no BrokenPipeError traceback."""
+    proc = subprocess.Popen([sys.executable, *argv], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # no reader before the first line is written
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 0, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
+def test_ablation_reports_a_failed_variant_in_one_line(tmp_path, capsys, monkeypatch):
+    (tmp_path / "distill.csv").write_text("path\n")
+    ablation = __import__("train.ablation", fromlist=["main"])
+
+    def fail(cmd, **kwargs):
+        raise subprocess.CalledProcessError(2, cmd)
+    monkeypatch.setattr(ablation.subprocess, "run", fail)
+    assert ablation.main(["--work", str(tmp_path), "--variants", "default"]) == 1
+    _one_error_line(capsys, "variant default", "exited 2")

@@ -94,7 +94,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rows = []
     for name in names:
-        rows.append(run_variant(name, args))
+        try:
+            rows.append(run_variant(name, args))
+        except subprocess.CalledProcessError as e:  # train.distill printed its own error above
+            print(f"error: variant {name}: train.distill exited {e.returncode}", file=sys.stderr)
+            return 1
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
     print("\n" + markdown(rows))

@@ -69,10 +69,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--epochs", type=number(above=0), help="passes over the data (default 1)")
     budget.add_argument("--steps", type=integer(1), help="total optimizer steps (instead of --epochs)")
-    p.add_argument("--batch-size", type=integer(1), default=128)
+    p.add_argument("--batch-size", type=integer(1), default=128, help="images per optimizer step (default 128)")
     p.add_argument("--lr", type=number(above=0), help=f"peak learning rate (default {LR_SCRATCH} from scratch, "
                                                        f"{LR_VIT_INIT} when starting from the teacher's ViT)")
-    p.add_argument("--weight-decay", type=number(0), default=0.05)
+    p.add_argument("--weight-decay", type=number(0), default=0.05, help="AdamW weight decay (default 0.05)")
     p.add_argument("--warmup", type=integer(0), help="warmup steps (default 5%% of the steps)")
     p.add_argument("--clip-grad", type=number(0), default=1.0, help="max gradient norm (0: off)")
     p.add_argument("--kl-weight", type=number(0), default=1.0, help="weight of the KL term on the head's logits")
@@ -119,7 +119,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="student training precision (auto: bf16 autocast where the hardware has native bf16)")
     p.add_argument("--level-weights", help="comma-separated weight per level (default equal)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=integer(0), default=0,
+                   help="seed of the batches, flips, views and initialisation (default 0)")
     p.add_argument("--resume", action="store_true", help="continue from --out's train_state")
     p.add_argument("--init", type=Path, metavar="CKPT",
                    help="start the student from CKPT's weights (same preset and teacher; e.g. a shipped ckpt.pt) with "
@@ -129,15 +130,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache-dir", type=Path, help=f"teacher output cache (default $WAVECLIP_CACHE or {default_cache_dir()})")
     p.add_argument("--threads", type=integer(1), help="torch CPU threads")
     p.add_argument("--device", default="cpu", help="torch device for teacher and student")
-    p.add_argument("--teacher-batch-size", type=integer(1), default=64)
+    p.add_argument("--teacher-batch-size", type=integer(1), default=64,
+                   help="images per teacher pass while filling its cache (default 64)")
     p.add_argument("--teacher-backend", choices=BACKENDS, default="auto",
                    help="what runs a CPU teacher for the cache, after a parity check against torch (auto: OpenVINO "
                         "when installed, then ONNX Runtime; both fp32, so the cache does not depend on it); "
                         "openvino-bf16: OpenVINO in bf16 where the CPU has it, 1.75x the fp32 pass on an AMX Xeon, its "
                         "targets cached apart")
     p.add_argument("--eval-data", help="held-out folder or CSV for per-level cosine and top-1")
-    p.add_argument("--eval-split")
-    p.add_argument("--eval-limit", type=integer(1))
+    p.add_argument("--eval-split", help="the CSV split of --eval-data (e.g. calib)")
+    p.add_argument("--eval-limit", type=integer(1), help="evaluate on a class-balanced subset of N images")
     args = p.parse_args(argv)
     if args.label_weight and args.cutmix:  # the values themselves are checked by their types
         p.error("--label-weight is not for use with --cutmix (mixed images)")

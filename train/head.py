@@ -155,13 +155,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--split", help="rows of the CSV's split column to fit on (e.g. fit)")
     p.add_argument("--limit", type=integer(1), help="a deterministic, class-balanced subset of N images")
     p.add_argument("--eval-data", help="labelled images held apart, to report top-1 before and after")
-    p.add_argument("--eval-split")
-    p.add_argument("--eval-limit", type=integer(1))
-    p.add_argument("--epochs", type=integer(1), default=DEFAULTS["epochs"])
+    p.add_argument("--eval-split", help="the CSV split of --eval-data (e.g. calib)")
+    p.add_argument("--eval-limit", type=integer(1), help="evaluate on a class-balanced subset of N images")
+    p.add_argument("--epochs", type=integer(1), default=DEFAULTS["epochs"],
+                   help=f"passes over the labelled embeddings (default {DEFAULTS['epochs']})")
     p.add_argument("--lr", type=number(below=1, minimum=0), default=DEFAULTS["lr"], help="Adam learning rate")
     p.add_argument("--pull", type=number(minimum=0), default=DEFAULTS["pull"],
                    help="L2 penalty on the change of the head's weights (0: free)")
-    p.add_argument("--seed", type=integer(0), default=0)
+    p.add_argument("--seed", type=integer(0), default=0, help="seed of the batch order and subsets (default 0)")
     p.add_argument("--threads", type=integer(1), help="torch threads (default: torch's)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     return p.parse_args(argv)
