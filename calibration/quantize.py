@@ -29,8 +29,8 @@ from calibration.quantize_full import write_full_int8, write_full_openvino
 from calibration.quantize_split import write_split_int8, write_split_openvino
 from calibration.reader import CascadeCalibrationReader, level_feeds
 from export.weights import SharedWeights, save_graph
-from runtime.bundle import (MANIFEST, Bundle, BundleError, check_manifest, load_bundle, sha256_file, staged_output,
-                            write_manifest)
+from runtime.bundle import (MANIFEST, Bundle, BundleError, check_manifest, check_replaceable, load_bundle,
+                            sha256_file, staged_output, write_manifest)
 from runtime.cli import ArgumentParser, integer, number, output_folder
 from runtime.data import DataError, ImageRecord, load_images, portable_source, read_image_list, spread
 from runtime.errors import one_line
@@ -176,8 +176,10 @@ def quantize_bundle(bundle_path: str | Path, out: str | Path, data: str, *, spli
                    f"none is an op type of the level graphs ({', '.join(sorted(graph_ops))})")
             raise QuantizeError(f"--quantize-ops {','.join(ops)}: {why}")
     out = Path(out)
-    if out.exists() and not force:
-        raise QuantizeError(f"{out} already exists (use --force to replace it)")
+    try:
+        check_replaceable(out, force)
+    except BundleError as e:
+        raise QuantizeError(str(e)) from None
     if out.resolve() == fp32.path.resolve():
         raise QuantizeError(f"{out}: the output must not be the input bundle")
     spec = fp32.preprocessing
@@ -362,7 +364,7 @@ def _parser() -> argparse.ArgumentParser:
                         "Softmax, GELU/Erf and residual Adds stay float; so do the attention MatMuls, the patch "
                         "embedding and the output projection). With openvino the default is NNCF's transformer "
                         "scheme and the list maps to NNCF's ignored scope")
-    p.add_argument("--force", action="store_true", help="replace the output folder if it exists")
+    p.add_argument("--force", action="store_true", help="replace the output if it is a bundle (or an empty folder); another folder is never deleted")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     return p
 

@@ -31,8 +31,8 @@ from export.validate import MAX_IMAGES, find_images, format_table, tolerances, v
 from export.weights import SharedWeights, save_graph
 from model.checkpoint import CheckpointError, load_checkpoint
 from model.config import WaveCLIPConfig
-from runtime.bundle import (BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, BundleError, load_bundle, sha256_file,
-                            staged_output, write_array, write_manifest)
+from runtime.bundle import (BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, BundleError, check_replaceable, load_bundle,
+                            sha256_file, staged_output, write_array, write_manifest)
 from runtime.cli import ArgumentParser, integer, number, output_folder
 from runtime.errors import one_line
 from runtime.preprocess import ImageError, preprocess
@@ -75,12 +75,12 @@ def default_output(ckpt_path: str | Path, fp16: bool = False) -> Path:
 
 
 def check_output(ckpt_path: str | Path, out: str | Path, force: bool) -> None:
-    """Refuse an existing output without ``force``, and always an output folder that holds the checkpoint."""
+    """Refuse an existing output without ``force`` (with it, anything but a bundle), and always an output folder that
+    holds the checkpoint."""
     out = Path(out)
-    if out.exists() and not force:
-        raise BundleError(f"{out} already exists (use --force to replace it, or -o for another folder)")
-    if Path(ckpt_path).resolve().is_relative_to(out.resolve()):
+    if out.exists() and Path(ckpt_path).resolve().is_relative_to(out.resolve()):
         raise ExportError(f"{out}: the output folder holds the checkpoint {ckpt_path}; it would be replaced")
+    check_replaceable(out, force, "use --force to replace it, or -o for another folder")
 
 
 def build_manifest(cfg: WaveCLIPConfig, level_entries: list[dict], head: dict, precision: str,

@@ -169,6 +169,21 @@ def validate_manifest(manifest: dict) -> None:
     jsonschema.validate(manifest, json.loads(SCHEMA_PATH.read_text()))
 
 
+def check_replaceable(out: str | os.PathLike, force: bool, hint: str = "use --force to replace it") -> None:
+    """An existing output is replaced only with ``force``, and then only where it is a bundle or an empty folder:
+    ``-o ~ --force`` must never delete a folder that holds something else."""
+    out = Path(out)
+    if not out.exists():
+        return
+    if not force:
+        raise BundleError(f"{out} already exists ({hint})")
+    if not out.is_dir():
+        raise BundleError(f"{out} is a file, not a bundle folder: --force replaces bundles only")
+    if not (out / MANIFEST).is_file() and any(out.iterdir()):
+        raise BundleError(f"{out} is not a bundle folder (no {MANIFEST}): --force replaces bundles only; choose "
+                          "another output or empty it yourself")
+
+
 @contextmanager
 def staged_output(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     """Write into a temporary sibling folder; move it to ``out`` only if the block succeeds (never a half bundle)."""

@@ -197,3 +197,27 @@ def test_existing_output_refused_before_any_work(tmp_path):
         with staged_output(out):
             pass
     assert complete_version(out) == "old"
+
+
+def test_force_replaces_bundles_only(tiny_checkpoint, tmp_path, capsys):
+    """`-o SOMEDIR --force` must never delete a folder that is not a bundle: refused before any work, left as it was."""
+    from calibration.quantize import main as quantize
+    from export.onnx import main as export
+
+    other = tmp_path / "photos"
+    make_folder(other, "mine")
+    assert export([str(tiny_checkpoint), "-o", str(other), "--force", "-q"]) == 2
+    assert "not a bundle folder" in capsys.readouterr().err and complete_version(other) == "mine"
+    demo = REPO / "models" / "waveclip-demo" / "bundle"
+    assert quantize([str(demo), "--data", IMAGES, "-o", str(other), "--force", "-q"]) == 2
+    assert "not a bundle folder" in capsys.readouterr().err and complete_version(other) == "mine"
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep\n")
+    with pytest.raises(SystemExit) as exc:  # refused by -o's own check, as argparse errors are
+        export([str(tiny_checkpoint), "-o", str(a_file), "--force", "-q"])
+    assert exc.value.code == 2 and a_file.read_text() == "keep\n"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert export([str(tiny_checkpoint), "-o", str(empty), "--force", "--images", IMAGES, "-q"]) == 0
+    assert load_bundle(empty).num_levels > 0
+    assert export([str(tiny_checkpoint), "-o", str(empty), "--force", "--images", IMAGES, "-q"]) == 0  # a bundle
