@@ -364,7 +364,8 @@ def _parser() -> argparse.ArgumentParser:
                         "Softmax, GELU/Erf and residual Adds stay float; so do the attention MatMuls, the patch "
                         "embedding and the output projection). With openvino the default is NNCF's transformer "
                         "scheme and the list maps to NNCF's ignored scope")
-    p.add_argument("--force", action="store_true", help="replace the output if it is a bundle (or an empty folder); another folder is never deleted")
+    p.add_argument("--force", action="store_true",
+                   help="replace the output if it is a bundle (or an empty folder); another folder is never deleted")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     return p
 

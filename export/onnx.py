@@ -223,7 +223,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="convert the graphs' weights and compute to float16 (inputs/outputs stay float32; "
                         "validated with a looser tolerance)")
     p.add_argument("--force", action="store_true",
-                   help="replace the output folder if it exists (the old one stays whole until the new one is in)")
+                   help="replace the output if it is a bundle or an empty folder (the old bundle stays whole until the "
+                        "new one is in); another folder is never deleted")
     p.add_argument("--images", nargs="+", metavar="IMG_OR_DIR",
                    help="validation images (files or folders; at most --max-images of them, evenly spaced); "
                         "default: $WAVECLIP_DATA or ../shared/data imagenet-sample (the first --max-images), else "
