@@ -68,9 +68,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                     "default: from-data when the data has labels, else imagenet1k")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--epochs", type=number(above=0), help="passes over the data (default 1)")
-    budget.add_argument("--steps", type=integer(1), help="total optimizer steps (instead of --epochs)")
+    budget.add_argument("--steps", type=integer(0),
+                        help="total optimizer steps (instead of --epochs; 0: write the initialised student)")
     p.add_argument("--batch-size", type=integer(1), default=128, help="images per optimizer step (default 128)")
-    p.add_argument("--lr", type=number(above=0), help=f"peak learning rate (default {LR_SCRATCH} from scratch, "
+    p.add_argument("--lr", type=number(0), help=f"peak learning rate (default {LR_SCRATCH} from scratch, "
                                                        f"{LR_VIT_INIT} when starting from the teacher's ViT)")
     p.add_argument("--weight-decay", type=number(0), default=0.05, help="AdamW weight decay (default 0.05)")
     p.add_argument("--warmup", type=integer(0), help="warmup steps (default 5%% of the steps)")
