@@ -148,29 +148,19 @@ def test_entropy_loss_is_the_weighted_entropy_and_pushes_away_from_ties():
     assert near.grad[0, 0] < near.grad[0, 1]  # descent raises the top class more than the second: the gap widens
 
 
-def test_self_weight_changes_training_and_is_recorded(data, tmp_path):
-    plain, taught = tmp_path / "plain.pt", tmp_path / "taught.pt"
+@pytest.mark.parametrize("flag", ["--self-weight", "--entropy-weight"])
+def test_loss_weight_changes_training_and_is_recorded(data, tmp_path, flag):
+    plain, weighted = tmp_path / "plain.pt", tmp_path / "weighted.pt"
+    key = flag[2:].replace("-", "_")
     assert distill.main(argv(data, plain, "--steps", "2", "--seed", "3")) == 0
-    assert distill.main(argv(data, taught, "--steps", "2", "--seed", "3", "--self-weight", "1")) == 0
-    (_, p), (_, t) = (load_checkpoint(x) for x in (plain, taught))
-    assert p["provenance"]["self_weight"] == 0 and t["provenance"]["self_weight"] == 1
-    assert not all(torch.equal(p["state_dict"][k], t["state_dict"][k]) for k in p["state_dict"])
-    with pytest.raises(SystemExit) as exc:
-        distill.parse_args(argv(data, tmp_path / "bad.pt", "--self-weight", "-1"))
-    assert exc.value.code == 2 and not (tmp_path / "bad.pt").exists()
-
-
-def test_entropy_weight_changes_training_and_is_recorded(data, tmp_path):
-    plain, sharp = tmp_path / "plain.pt", tmp_path / "sharp.pt"
-    assert distill.main(argv(data, plain, "--steps", "2", "--seed", "3")) == 0
-    assert distill.main(argv(data, sharp, "--steps", "2", "--seed", "3", "--entropy-weight", "1")) == 0
-    (_, p), (_, s) = (load_checkpoint(x) for x in (plain, sharp))
-    assert p["provenance"]["entropy_weight"] == 0 and s["provenance"]["entropy_weight"] == 1
-    assert not all(torch.equal(p["state_dict"][k], s["state_dict"][k]) for k in p["state_dict"])
+    assert distill.main(argv(data, weighted, "--steps", "2", "--seed", "3", flag, "1")) == 0
+    (_, p), (_, w) = (load_checkpoint(x) for x in (plain, weighted))
+    assert p["provenance"][key] == 0 and w["provenance"][key] == 1
+    assert not all(torch.equal(p["state_dict"][k], w["state_dict"][k]) for k in p["state_dict"])
     for bad in ("-1", "inf", "nan"):
         with pytest.raises(SystemExit) as exc:
-            distill.parse_args(argv(data, tmp_path / "bad.pt", "--entropy-weight", bad))
-        assert exc.value.code == 2
+            distill.parse_args(argv(data, tmp_path / "bad.pt", flag, bad))
+        assert exc.value.code == 2 and not (tmp_path / "bad.pt").exists()
 
 
 def test_label_weight_uses_the_labels_and_resumes_exactly(data, tmp_path):
