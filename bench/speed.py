@@ -178,13 +178,11 @@ def probe_memory(spec: dict) -> dict:
     return rss_mib()
 
 
-def memory(s: Setup, what: str, images: np.ndarray, threads: int) -> dict:
-    with tempfile.TemporaryDirectory(prefix="speed-images-") as tmp:  # gone however the probe ends
-        np.save(Path(tmp) / "images.npy", images)
-        spec = {"setup": {k: v for k, v in vars(s).items() if k not in ("times", "vit_row", "agreement")},
-                "what": what, "images": str(Path(tmp) / "images.npy"), "threads": threads}
-        out = subprocess.run([sys.executable, __file__, "--probe-memory", json.dumps(spec)], capture_output=True,
-                             text=True, cwd=REPO)
+def memory(s: Setup, what: str, images_file: str, threads: int) -> dict:
+    spec = {"setup": {k: v for k, v in vars(s).items() if k not in ("times", "vit_row", "agreement")},
+            "what": what, "images": images_file, "threads": threads}
+    out = subprocess.run([sys.executable, __file__, "--probe-memory", json.dumps(spec)], capture_output=True,
+                         text=True, cwd=REPO)
     if out.returncode:
         return {"rss_mib": None, "peak_mib": None, "error": out.stderr.strip().splitlines()[-1:]}
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -197,6 +195,24 @@ def in_sequence(fn: Callable[[], Any], n: int = PER_CALL) -> Callable[[], int]:
             fn()
         return n
     return run
+
+
+def memory_probes(run: list[Setup], images: np.ndarray, threads: int, log: Callable[[str], None] = print
+                  ) -> dict[str, dict]:
+    """Every setup's resident memory (and its one pass's and ViT's, where it has them), each in a fresh process; the
+    probes' images are saved once, in a temporary folder that goes however the probes end."""
+    mem: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="speed-images-") as tmp:
+        images_file = str(Path(tmp) / "images.npy")
+        np.save(images_file, images)
+        for s in run:
+            log(f"memory: {s.label} ...")
+            mem[s.label] = memory(s, "cascade", images_file, threads)
+            if load_bundle(s.bundle, verify=False).has_full:
+                mem[f"{s.label}|onepass"] = memory(s, "onepass", images_file, threads)
+            if s.vit_row == s.label:
+                mem[f"{s.label}|vit"] = memory(s, "vit", images_file, threads)
+    return mem
 
 
 def measure(items: dict[str, Callable[[], Any]], rounds: int, warmup: int, progress) -> dict[str, list[float]]:
@@ -351,14 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     if cached is not None and cached.is_file():
         mem = json.loads(cached.read_text())
         log(f"memory: read from {cached}")
-    elif not args.no_memory:
-        for s in run:  # resident memory is not a timing: measured in fresh processes before the timed rounds
-            log(f"memory: {s.label} ...")
-            mem[s.label] = memory(s, "cascade", images, args.threads)
-            if load_bundle(s.bundle, verify=False).has_full:
-                mem[f"{s.label}|onepass"] = memory(s, "onepass", images, args.threads)
-            if s.vit_row == s.label:
-                mem[f"{s.label}|vit"] = memory(s, "vit", images, args.threads)
+    elif not args.no_memory:  # resident memory is not a timing: measured in fresh processes before the timed rounds
+        mem = memory_probes(run, images, args.threads, log)
         if cached is not None:
             cached.write_text(json.dumps(mem, indent=2) + "\n")
     if args.prepare:

@@ -230,7 +230,7 @@ def test_speed_refuses_missing_data_instead_of_timing_other_images(tmp_path, mon
 
 def test_speed_memory_probe_leaves_no_image_file(tmp_path, monkeypatch):
     """The memory probes' images used to go to $TMPDIR/speed-images-PID.npy for the whole run, left behind by every run
-    that failed or was interrupted; now they live in a temporary folder only while a probe runs."""
+    that failed or was interrupted; now they live in a temporary folder only while the probes run."""
     import tempfile
 
     import numpy as np
@@ -244,7 +244,7 @@ def test_speed_memory_probe_leaves_no_image_file(tmp_path, monkeypatch):
     monkeypatch.setattr(speed.subprocess, "run", interrupted)
     setup = speed.Setup("onnxruntime fp32 (levels)", BUNDLE, "onnxruntime", {}, "vit.onnx", "fp32", None)
     with pytest.raises(KeyboardInterrupt):
-        speed.memory(setup, "cascade", np.zeros((2, 3, 8, 8), np.float32), 1)
+        speed.memory_probes([setup], np.zeros((2, 3, 8, 8), np.float32), 1)
     assert list(tmp_path.iterdir()) == []
 
 

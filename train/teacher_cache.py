@@ -134,9 +134,9 @@ def teacher_targets(teacher: Teacher, records: Sequence[ImageRecord], cache_dir:
         flip, key_extra = False, f"{key_extra}|{augment.describe()}"
     if student_view is not None:
         key_extra = f"{key_extra}|teacher_view=student|{pixel_spec(student_view)}"  # the pixels, not their tokens
-    extra = f"{teacher_fingerprint(teacher)}|{key_extra}|dense={dense_grid or 0}"
     if backend == BF16:  # bf16 targets are not the fp32 ones that every other backend gives
-        key_extra, extra = f"{key_extra}|teacher_precision=bf16", f"{extra}|teacher_precision=bf16"
+        key_extra = f"{key_extra}|teacher_precision=bf16"
+    extra = f"{teacher_fingerprint(teacher)}|{key_extra}|dense={dense_grid or 0}"
     key = cache_key(teacher.name, records, flip, extra)
     folder = Path(cache_dir).expanduser() / "teacher" / key
     folder.mkdir(parents=True, exist_ok=True)
