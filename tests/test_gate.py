@@ -171,6 +171,11 @@ def test_cli_budget_gflops_and_dry_run(bundle_copy, labelled_csv, tmp_path):
     args = [str(bundle_copy), "--data", str(labelled_csv), "--budget-gflops", str(budget), "--limit", "60"]
     assert main(args + ["--dry-run", "--out-dir", str(tmp_path / "dry")]) == 0
     assert (bundle_copy / "manifest.json").read_bytes() == before and (tmp_path / "dry" / "gate_curve.csv").exists()
+    files = sorted(p.relative_to(bundle_copy) for p in bundle_copy.rglob("*"))
+    assert not (bundle_copy / "calibration").exists()
+    assert main(args + ["--dry-run"]) == 0  # no --out-dir: nothing written, in the bundle or elsewhere
+    assert sorted(p.relative_to(bundle_copy) for p in bundle_copy.rglob("*")) == files
+    assert (bundle_copy / "manifest.json").read_bytes() == before
     assert main(args) == 0
     cal = json.loads((bundle_copy / "manifest.json").read_text())["gate"]["calibration"]
     assert cal["fit"]["expected_gflops"] <= budget and (bundle_copy / "calibration" / "gate_curve.png").exists()
