@@ -14,6 +14,7 @@ import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import onnx
@@ -127,9 +128,12 @@ def weight_only_summary(proto: onnx.ModelProto) -> tuple[dict[str, int], dict[st
 
 
 def quantize_onnx(src: Path, reader, dst: Path, scheme: OnnxScheme, method: str, ops: list[str],
-                  scratch: Path, skip_symbolic_shape: bool = False) -> onnx.ModelProto:
+                  scratch: Path, skip_symbolic_shape: bool = False, keep_float: Sequence[str] = (),
+                  ranges: Path | None = None) -> onnx.ModelProto:
     """quant_pre_process + quantize_static of ``src`` (external data resolved by path); returns the int8 graph with
-    its data in memory (``dst`` is a scratch file)."""
+    its data in memory (``dst`` is a scratch file). ``keep_float``: module paths (``blocks.3/mlp/c_fc``) whose
+    MatMuls stay float; ``ranges``: ORT's calibration cache file, written on the first call and read by the next
+    (the pre-processed graph is the same, so are its ranges)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -142,7 +146,7 @@ def quantize_onnx(src: Path, reader, dst: Path, scheme: OnnxScheme, method: str,
                "percentile": CalibrationMethod.Percentile}
     qtype = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
     # (The QDQ quantizer ignores MatMulConstBOnly, so attention MatMuls are excluded by node name instead.)
-    exclude = _float_matmuls(pre, scheme)
+    exclude = _float_matmuls(pre, scheme) + module_nodes(pre, keep_float)
     extra = scheme.extra_options(list(ops))
     if method != "minmax":
         # The histogram calibrators stack every item's tensors with np.asarray, which fails when shapes differ from
@@ -153,10 +157,36 @@ def quantize_onnx(src: Path, reader, dst: Path, scheme: OnnxScheme, method: str,
         quantize_static(str(pre), str(dst), reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=list(ops),
                         nodes_to_exclude=exclude, per_channel=scheme.per_channel,
                         activation_type=qtype[scheme.activations], weight_type=QuantType.QInt8,
-                        calibrate_method=methods[method], use_external_data_format=big, extra_options=extra)
+                        calibrate_method=methods[method], use_external_data_format=big, extra_options=extra,
+                        calibration_cache_path=ranges)
     # (No CalibMaxIntermediateOutputs: in onnxruntime 1.31 MinMaxCalibrater.collect_data drops the ranges collected
     # so far instead of merging them.)
     return onnx.load(str(dst))
+
+
+def module_of(node_name: str) -> str:
+    """``/blocks.3/mlp/c_fc/MatMul`` (``/model/blocks.3/...`` in the one-pass graph) -> ``blocks.3/mlp/c_fc``."""
+    path = node_name.strip("/").removeprefix("model/")
+    return path.rsplit("/", 1)[0] if "/" in path else ""
+
+
+def module_nodes(path: Path, modules: Sequence[str]) -> list[str]:
+    """Names of the MatMul/Gemm nodes of ``modules``: export names a module's nodes after its path, so one module
+    path finds them in every form (level graphs, split body, one-pass graph)."""
+    wanted = set(modules)
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and module_of(n.name) in wanted]
+
+
+def weighted_modules(path: Path) -> list[str]:
+    """Module paths of the MatMuls with a constant weight, in graph order (``blocks.0/attn``, ``blocks.0/mlp/c_fc``)."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    consts = {t.name for t in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    out: list[str] = []
+    for n in graph.node:
+        if n.op_type in ("MatMul", "Gemm") and any(i in consts for i in n.input) and module_of(n.name) not in out:
+            out.append(module_of(n.name))
+    return out
 
 
 def onnx_op_summary(proto: onnx.ModelProto, ops: list[str]) -> tuple[dict[str, int], dict[str, int]]:

@@ -81,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         bundle = load_bundle(args.bundle, verify=not args.no_verify)
-        labels = [s.strip() for s in args.labels.split(",")] if args.labels else None
+        labels = [s.strip() for s in args.labels.split(",") if s.strip()] if args.labels is not None else None
+        if labels == []:
+            raise ValueError(f"--labels {args.labels!r}: no class names or label ids")
         thresholds = args.threshold[0] if args.threshold and len(args.threshold) == 1 else args.threshold
         options = {"threads": args.threads} if args.threads else {}
         if args.ov_property:

@@ -38,6 +38,8 @@ MAINS = {  # name -> (how to get its main, whether main takes argv)
     "calibration.quantize": (lambda: __import__("calibration.quantize", fromlist=["main"]).main, True),
     "calibration.gate": (lambda: __import__("calibration.gate", fromlist=["main"]).main, True),
     "devices.profile": (lambda: __import__("devices.profile", fromlist=["main"]).main, True),
+    "runtime.classify": (lambda: __import__("runtime.classify", fromlist=["main"]).main, True),
+    "bench/int8_sensitivity.py": (lambda: load_bench("int8_sensitivity").main, True),
 }
 PARSERS = sorted(set(MAINS) - {"export.onnx", "calibration.quantize", "calibration.gate", "devices.profile"})
 
@@ -90,6 +92,8 @@ VALUES = [
     ("bench/speed.py", [BUNDLE, "--images", "0"], "--images"),
     ("bench/speed.py", [BUNDLE, "--ort-weights", "foo"], "--ort-weights"),
     ("bench/evaluate.py", ["--limit", "0"], "--limit"),
+    ("runtime.classify", [BUNDLE, IMAGES, "--labels", ","], "--labels"),
+    ("bench/int8_sensitivity.py", [BUNDLE, "--data", IMAGES, "--samples", "2"], "--samples"),
     ("bench/evaluate.py", ["--int8", "{tmp}/missing"], "--int8"),
     ("bench/gate_methods.py", [BUNDLE, "--data", IMAGES, "--repeats", "0"], "--repeats"),
     ("bench/gate_methods.py", [BUNDLE, "--data", IMAGES, "--holdout", "1.5"], "--holdout"),
