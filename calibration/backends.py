@@ -181,7 +181,7 @@ def module_nodes(path: Path, modules: Sequence[str]) -> list[str]:
 def weighted_modules(path: Path) -> list[str]:
     """Module paths of the MatMuls with a constant weight, in graph order (``blocks.0/attn``, ``blocks.0/mlp/c_fc``)."""
     graph = onnx.load(str(path), load_external_data=False).graph
-    consts = {t.name for t in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    consts = _constants(graph)
     out: list[str] = []
     for n in graph.node:
         if n.op_type in ("MatMul", "Gemm") and any(i in consts for i in n.input) and module_of(n.name) not in out:
@@ -210,7 +210,7 @@ def _float_matmuls(path: Path, scheme: OnnxScheme) -> list[str]:
     (output projection: an ``embedding`` output follows it through no other MatMul; every level's in a one-pass
     graph). Found by data flow: names and the order of nodes differ from graph to graph."""
     graph = onnx.load(str(path), load_external_data=False).graph
-    consts = {t.name for t in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    consts = _constants(graph)
     mms = [n for n in graph.node if n.op_type in ("MatMul", "Gemm")]
     weighted = [n for n in mms if any(i in consts for i in n.input)]
     names = [n.name for n in mms if n not in weighted] if scheme.weight_matmuls_only else []
@@ -228,6 +228,11 @@ def _float_matmuls(path: Path, scheme: OnnxScheme) -> list[str]:
                       lambda t: [writer[t]] if t in writer else [], lambda n: n.input)
         names += [n.name for n in weighted if any(i in first for i in n.input) or any(o in last for o in n.output)]
     return names
+
+
+def _constants(graph: onnx.GraphProto) -> set[str]:
+    """Names of the graph's initializers and Constant outputs (a MatMul reading one has a weight)."""
+    return {t.name for t in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
 
 
 def _reach(start: set[str], nodes_of, next_of) -> set[str]:
