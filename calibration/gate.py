@@ -163,8 +163,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--holdout", type=number(0, below=1), default=0.3,
                    help="fraction in [0, 1) held apart for reporting (default 0.3)")
     p.add_argument("--seed", type=integer(0), default=0, help="seed of the fit / held-apart split (default 0)")
-    p.add_argument("--out-dir", type=output_folder, help="where gate_curve.csv/png go (default BUNDLE/calibration; none with --dry-run)")
-    p.add_argument("--dry-run", action="store_true", help="report, but leave the bundle unchanged (the curve is written only with --out-dir)")
+    p.add_argument("--out-dir", type=output_folder,
+                   help="where gate_curve.csv/png go (default BUNDLE/calibration; with --dry-run, nowhere)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="report, but leave the bundle unchanged (the curve is written only to --out-dir)")
     p.add_argument("--backend", default="onnxruntime", choices=BACKENDS, help="backend to measure levels with")
     p.add_argument("--batch-size", type=integer(1), default=32, help="images per level run while measuring (default 32)")
     p.add_argument("--max-combos", type=integer(1), default=1 << 18, help="threshold grid size (default 262144)")
@@ -247,13 +249,12 @@ def run(args: argparse.Namespace) -> int:
         write_curve_csv(out_dir / "gate_curve.csv", rows)
         plot_curve(out_dir / "gate_curve.png", rows, reference, f"{bundle.manifest.get('name', bundle.path.name)}: "
                    f"{target.describe()}")
+    curve = f"{out_dir / 'gate_curve.csv'}, .png" if out_dir else "not written (a dry run without --out-dir)"
     print(f"thresholds: {' '.join(f'{t:.4g}' for t in choice.thresholds)}   target: {target.describe()} "
           f"(reference: {reference})")
     print(format_table(fit_m, hold_m))
     print(f"images: {stats.n} used, {stats.skipped} unreadable, {stats.dropped} with labels not in the head; "
-          f"search: {len(choice.grid.gflops)} combinations; curve: "
-          f"{out_dir / 'gate_curve.csv' if out_dir else 'not written (a dry run writes it only to --out-dir)'}"
-          f"{', .png' if out_dir else ''}")
+          f"search: {len(choice.grid.gflops)} combinations; curve: {curve}")
     if args.dry_run:
         print("dry run: manifest unchanged")
         return 0
