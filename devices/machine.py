@@ -105,6 +105,20 @@ def cpu_record() -> dict[str, Any]:
     return record
 
 
+def int8_kernel_kind(cpu: dict[str, Any] | None = None) -> str | None:
+    """Which integer kernels ONNX Runtime's CPU provider runs u8 x s8 MatMuls with on this CPU (``cpu``: a
+    :func:`cpu_record`): "vnni" (x86 with AVX512-VNNI, AVX-VNNI or AMX: exact int32 dot products), "avx2" (x86 with
+    AVX2 but neither VNNI nor AVX-512: 16-bit pair sums, which can saturate), None for any other CPU. int8 answers
+    agree only within one kind: the shipped int8 bundle's recorded answers are kept per kind."""
+    cpu = cpu or cpu_record()
+    flags = cpu["flags"]
+    if cpu["architecture"] not in ("x86_64", "AMD64"):
+        return None
+    if flags["avx512_vnni"] or flags["avx_vnni"] or flags["amx_int8"]:
+        return "vnni"
+    return "avx2" if flags["avx2"] and not flags["avx512f"] else None
+
+
 def package_version(name: str) -> str | None:
     """Installed version of a library by its distribution name(s); falls back to ``module.__version__`` only when
     metadata is absent (JetPack installs tensorrt as a system package)."""

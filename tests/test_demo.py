@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from devices.machine import int8_kernel_kind
 from model.checkpoint import load_checkpoint
 from runtime.bundle import load_bundle, sha256_file, validate_manifest
 from runtime.cascade import Cascade
@@ -43,8 +44,15 @@ def test_shipped_bundle_matches_shipped_checkpoint():
 
 @pytest.mark.parametrize("name", ["bundle", "bundle-int8"])
 def test_shipped_images_classify_as_recorded(name):
-    """Labels and exit levels with the shipped thresholds equal what was recorded when the model was shipped."""
+    """Labels and exit levels with the shipped thresholds equal what was recorded when the model was shipped (int8:
+    recorded per kind of integer kernels, whose rounding differs: the espresso cup's level-2 margin is 0.058 on AVX2
+    and above the 0.084 threshold with VNNI)."""
     expected = json.loads((DEMO / "expected.json").read_text())[name]
+    if name == "bundle-int8":
+        kind = int8_kernel_kind()
+        if kind not in expected:
+            pytest.skip(f"no int8 answers recorded for this CPU's integer kernels ({kind or 'not x86 VNNI or AVX2'})")
+        expected = expected[kind]
     results = Cascade(DEMO / name).classify(IMAGES)
     got = {p.name: {"label": r.class_name, "exit_level": r.exit_level} for p, r in zip(IMAGES, results)}
     assert got == expected

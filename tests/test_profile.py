@@ -307,3 +307,15 @@ def test_exit_mix_bad_values_exit_2(tiny_bundle, capsys):
     rc = profile_main([str(tiny_bundle), "--device", "x86-avx512-vnni", "--allow-precision-mismatch", "--baseline",
                        "none", *FAST, "--exit-mix", "50,50"])
     assert rc == 2 and "--exit-mix has 2 values, the bundle has 4 levels" in capsys.readouterr().err
+
+
+def test_int8_kernel_kind_follows_the_flags():
+    def cpu(arch="x86_64", **on):
+        return {"architecture": arch, "flags": {f: on.get(f, False) for f in machine.FLAGS_OF_INTEREST}}
+    assert machine.int8_kernel_kind(cpu(avx2=True, avx512f=True, avx512_vnni=True)) == "vnni"
+    assert machine.int8_kernel_kind(cpu(avx2=True, avx_vnni=True)) == "vnni"  # Alder Lake and later
+    assert machine.int8_kernel_kind(cpu(avx2=True, avx512f=True, amx_int8=True, avx512_vnni=True)) == "vnni"
+    assert machine.int8_kernel_kind(cpu(avx2=True)) == "avx2"  # e.g. AMD Zen 1-3
+    assert machine.int8_kernel_kind(cpu(avx2=True, avx512f=True)) is None  # AVX-512 without VNNI: not recorded
+    assert machine.int8_kernel_kind(cpu("aarch64", asimd=True)) is None
+    assert machine.int8_kernel_kind() in ("vnni", "avx2", None)  # this machine's record
