@@ -12,7 +12,6 @@ row is alike, the rounding noise is spread over the network and only a more conf
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from pathlib import Path

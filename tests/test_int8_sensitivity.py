@@ -5,6 +5,7 @@ import onnx
 
 from calibration.backends import module_nodes, module_of, weighted_modules
 from runtime.bundle import load_bundle
+from runtime.data import read_image_list
 
 from bench_module import load_bench
 
@@ -32,13 +33,11 @@ def test_module_paths_name_the_same_matmuls_in_every_form(tiny_bundle):
 
 def test_keeping_every_module_float_agrees_fully_and_int8_less(tiny_bundle, sample_images, tmp_path):
     bundle = load_bundle(tiny_bundle)
-    from runtime.data import read_image_list
-
     records = read_image_list(str(sample_images[0].parent))
     s = S.Sensitivity(bundle, S._patches(bundle, records[:8]), S._patches(bundle, records), "minmax", tmp_path)
     modules = list(dict.fromkeys(m for k in range(bundle.num_levels) for m in weighted_modules(bundle.level_path(k))))
     assert s.agreement(modules) == [1.0] * bundle.num_levels  # nothing quantized: fp32's answers
-    quantized = list((tmp_path).glob("level*.int8.onnx"))
+    quantized = list(tmp_path.glob("level*.int8.onnx"))
     assert quantized and not any(n.op_type == "DequantizeLinear"
                                  for n in onnx.load(str(quantized[0]), load_external_data=False).graph.node)
     assert all(0 < a <= 1 for a in s.agreement([]))
