@@ -23,14 +23,13 @@ import onnxruntime as ort
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from calibration.backends import DEFAULT_OPS, ONNX_METHODS, SCHEMES, quantize_onnx, weighted_modules  # noqa: E402
-from calibration.quantize import ORT_BATCH, SEED  # noqa: E402
+from calibration.quantize import ORT_BATCH, SEED, held_out_images, load_patches  # noqa: E402
 from calibration.reader import CascadeCalibrationReader, level_feeds  # noqa: E402
 from runtime.bundle import Bundle, BundleError, load_bundle  # noqa: E402
 from runtime.cascade import Cascade  # noqa: E402
 from runtime.cli import ArgumentParser, integer  # noqa: E402
-from runtime.data import DataError, load_images, read_image_list, spread  # noqa: E402
+from runtime.data import DataError, read_image_list, spread  # noqa: E402
 from runtime.errors import one_line  # noqa: E402
-from runtime.wavelet import images_to_levels  # noqa: E402
 
 
 def block_of(module: str) -> int | None:
@@ -81,15 +80,6 @@ class Sensitivity:
         return out
 
 
-def _patches(bundle: Bundle, records) -> list[np.ndarray]:
-    images, kept, skipped = load_images(records, bundle.preprocessing)
-    if skipped:
-        print(f"warning: skipped {skipped} unreadable image(s)", file=sys.stderr)
-    if not kept:
-        raise DataError("no readable images")
-    return images_to_levels(images, bundle.preprocessing)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = ArgumentParser(prog="python bench/int8_sensitivity.py", description=__doc__.splitlines()[0])
     p.add_argument("bundle", help="fp32 ONNX bundle")
@@ -105,13 +95,13 @@ def main(argv: list[str] | None = None) -> int:
         if bundle.manifest["precision"] != "fp32":
             raise BundleError(f"{args.bundle}: an fp32 bundle is needed, this one is {bundle.manifest['precision']}")
         records = read_image_list(args.data, args.split)
-        calib = spread(records, args.samples, SEED)
-        chosen = {r.path for r in calib}
-        held = spread([r for r in records if r.path not in chosen], args.limit, SEED + 1)
-        if not held:
-            raise DataError(f"{args.data}: no images left after the {len(calib)} calibration images")
+        # the images calibration.quantize takes for ranges and for its held-out check
+        calib_patches, calib, _ = load_patches(spread(records, args.samples, SEED), bundle.preprocessing,
+                                               "calibration", args.data, progress=False)
+        held = held_out_images(records, calib, None, None, args.limit, args.data)
+        held_patches, held, _ = load_patches(held, bundle.preprocessing, "evaluation", args.data, progress=False)
         with tempfile.TemporaryDirectory(prefix="waveclip-sensitivity-") as scratch:
-            s = Sensitivity(bundle, _patches(bundle, calib), _patches(bundle, held), args.method, Path(scratch))
+            s = Sensitivity(bundle, calib_patches, held_patches, args.method, Path(scratch))
             modules = list(dict.fromkeys(m for k in range(bundle.num_levels)
                                          for m in weighted_modules(bundle.level_path(k))))
             blocks = [m for m in modules if block_of(m) is not None]

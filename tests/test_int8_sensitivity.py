@@ -4,6 +4,7 @@ from pathlib import Path
 import onnx
 
 from calibration.backends import module_nodes, module_of, weighted_modules
+from calibration.quantize import load_patches
 from runtime.bundle import load_bundle
 from runtime.data import read_image_list
 
@@ -34,7 +35,9 @@ def test_module_paths_name_the_same_matmuls_in_every_form(tiny_bundle):
 def test_keeping_every_module_float_agrees_fully_and_int8_less(tiny_bundle, sample_images, tmp_path):
     bundle = load_bundle(tiny_bundle)
     records = read_image_list(str(sample_images[0].parent))
-    s = S.Sensitivity(bundle, S._patches(bundle, records[:8]), S._patches(bundle, records), "minmax", tmp_path)
+    patches = [load_patches(r, bundle.preprocessing, "images", "test", progress=False)[0]
+               for r in (records[:8], records)]
+    s = S.Sensitivity(bundle, *patches, "minmax", tmp_path)
     modules = list(dict.fromkeys(m for k in range(bundle.num_levels) for m in weighted_modules(bundle.level_path(k))))
     assert s.agreement(modules) == [1.0] * bundle.num_levels  # nothing quantized: fp32's answers
     quantized = list(tmp_path.glob("level*.int8.onnx"))
