@@ -13,19 +13,23 @@ from runtime.preprocess import ImageError
 
 INPUT_ERRORS: tuple[type[BaseException], ...] = (BundleError, DataError, ImageError, FileNotFoundError, BackendError,
                                                  BaselineError)
-try:  # checkpoints and teachers need torch, which a runtime-only install lacks
-    from model.checkpoint import CheckpointError
-    from model.teachers import TeacherError
+# Errors of modules that need torch, looked up only where the script loaded them: importing them here would load
+# torch (about 0.5 GiB resident) into every script, the speed bench's memory probes included.
+TORCH_ERRORS = (("model.checkpoint", "CheckpointError"), ("model.teachers", "TeacherError"))
 
-    INPUT_ERRORS += (CheckpointError, TeacherError)
-except ImportError:
-    pass
+
+def input_errors() -> tuple[type[BaseException], ...]:
+    """The bad-input error types, with those of the torch modules this process has loaded."""
+    loaded = (getattr(sys.modules[m], name, None) for m, name in TORCH_ERRORS if m in sys.modules)
+    return INPUT_ERRORS + tuple(e for e in loaded if e is not None)
 
 
 def run_main(main: Callable[[], int | None]) -> int:
     """``main()``'s exit status; 2 with ``error: ...`` on stderr for bad input."""
     try:
         return main() or 0
-    except INPUT_ERRORS as e:
+    except Exception as e:
+        if not isinstance(e, input_errors()):
+            raise
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

@@ -282,3 +282,43 @@ def test_ablation_reports_a_failed_variant_in_one_line(tmp_path, capsys, monkeyp
     monkeypatch.setattr(ablation.subprocess, "run", fail)
     assert ablation.main(["--work", str(tmp_path), "--variants", "default"]) == 1
     _one_error_line(capsys, "variant default", "exited 2")
+
+
+def test_bench_scripts_map_torch_errors_without_loading_torch(capsys):
+    """bench/cli_errors.py used to import model.checkpoint (and so torch, about 0.5 GiB resident) into every bench
+    script, the speed bench's memory probes included: each probe's RSS, the ViT's and the cascade's alike, carried
+    torch. The torch modules' errors are now looked up only where the script loaded them."""
+    code = ("import sys; sys.path[:0] = ['bench', '.']; import cli_errors, speed; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch')[:3])")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+    pytest.importorskip("torch")
+    load_bench("speed")
+    from cli_errors import run_main
+    from model.checkpoint import CheckpointError
+
+    def bad_checkpoint():
+        raise CheckpointError("ckpt.pt: not a\n WaveCLIP checkpoint")
+
+    assert run_main(bad_checkpoint) == 2
+    assert _one_error_line(capsys, "ckpt.pt: not a WaveCLIP checkpoint")
+    with pytest.raises(ZeroDivisionError):  # the code's own errors keep their traceback
+        run_main(lambda: 1 / 0)
+
+
+def test_speed_memory_probe_process_holds_no_torch(tmp_path):
+    """The probe runs as the script runs (python bench/speed.py --probe-memory): it must not load torch."""
+    import json
+
+    import numpy as np
+
+    np.save(tmp_path / "images.npy", np.zeros((1, 64, 64, 3), np.uint8))
+    spec = {"setup": {"label": "onnxruntime fp32 (levels)", "bundle": BUNDLE, "backend": "onnxruntime",
+                      "options": {}, "vit": "unused.onnx", "vit_precision": "fp32", "vit_hint": None},
+            "what": "cascade", "images": str(tmp_path / "images.npy"), "threads": 1}
+    out = subprocess.run([sys.executable, "-X", "importtime", "bench/speed.py", "--probe-memory", json.dumps(spec)],
+                         cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1])["rss_mib"] > 0
+    imported = {line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time")}
+    assert "runtime.cascade" in imported and "torch" not in imported
