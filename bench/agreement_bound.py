@@ -10,7 +10,6 @@ the agreement an INT8 check can ask for is bounded by how many images have small
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from runtime.bundle import load_bundle  # noqa: E402
 from runtime.cascade import Cascade  # noqa: E402
+from runtime.cli import ArgumentParser, integer  # noqa: E402
 from runtime.data import load_images, read_image_list, spread  # noqa: E402
 from runtime.wavelet import images_to_levels  # noqa: E402
 
@@ -45,11 +45,11 @@ def agreement_table(cascade: Cascade, embeddings: list[np.ndarray], cosines: lis
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python bench/agreement_bound.py", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python bench/agreement_bound.py", description=__doc__.splitlines()[0])
     p.add_argument("bundle")
     p.add_argument("--data", required=True, help="images: a folder or a CSV with a path column")
     p.add_argument("--split", help="CSV split (e.g. calib)")
-    p.add_argument("--limit", type=int, default=1000, help="images (default 1000, spread over the list)")
+    p.add_argument("--limit", type=integer(1), default=1000, help="images (default 1000, spread over the list)")
     p.add_argument("--cosines", default="0.999,0.9995,0.9999,0.99995")
     args = p.parse_args(argv)
     try:

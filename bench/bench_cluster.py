@@ -9,7 +9,6 @@ runtime.classify's (batch 1).
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -25,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cluster.classify import classify, parse_args  # noqa: E402
 from devices.machine import cpu_record  # noqa: E402
 from runtime.classify import main as runtime_classify  # noqa: E402
+from runtime.cli import ArgumentParser, integer  # noqa: E402
 from runtime.data import read_image_list  # noqa: E402
 
 
@@ -49,12 +49,12 @@ def ray_run(bundle: str, csv_path: Path, actors: int, threads: int, out: Path) -
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python bench/bench_cluster.py", description=__doc__.split("\n\n")[0])
     p.add_argument("bundle")
     p.add_argument("--data", required=True)
     p.add_argument("--split")
-    p.add_argument("--limit", type=int, default=2000)
-    p.add_argument("--small", type=int, default=200)
+    p.add_argument("--limit", type=integer(1), default=2000)
+    p.add_argument("--small", type=integer(1), default=200)
     p.add_argument("--configs", default="1x1,2x1", help="ACTORSxTHREADS,... (default 1x1,2x1)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()

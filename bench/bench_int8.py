@@ -9,7 +9,6 @@ level runs on a real image with the real KV cache of the same backend's earlier 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -24,6 +23,7 @@ from calibration.compare import compare  # noqa: E402
 from runtime.backends import create_backend  # noqa: E402
 from devices.machine import cpu_record  # noqa: E402
 from runtime.bundle import Bundle, BundleError, load_bundle  # noqa: E402
+from runtime.cli import ArgumentParser, integer  # noqa: E402
 from runtime.data import DataError, load_images, read_image_list  # noqa: E402
 from runtime.wavelet import images_to_levels  # noqa: E402
 
@@ -83,20 +83,19 @@ def int8_label(bundle: Bundle) -> tuple[str, str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python bench/bench_int8.py", description=__doc__.split("\n\n")[0])
     p.add_argument("fp32", help="fp32 ONNX bundle")
     p.add_argument("int8", nargs="+", help="int8 bundles from calibration.quantize: ONNX ones run on ONNX Runtime "
                                            "(QDQ or --method weight-only), OpenVINO IR ones on OpenVINO")
     p.add_argument("--data", required=True, help="images (folder or CSV) for the agreement check and the timed image")
     p.add_argument("--split", help="CSV split (use one not used for calibration, e.g. val)")
-    p.add_argument("--images", type=int, default=128, help="images for the top-1 agreement (default 128)")
-    p.add_argument("--runs", type=int, default=100, help=f"timed runs per level and config (>= {MIN_RUNS})")
-    p.add_argument("--warmup", type=int, default=10, help="untimed runs first (default 10)")
-    p.add_argument("--threads", type=int, default=1, help="intra-op threads for every backend (default 1)")
+    p.add_argument("--images", type=integer(1), default=128, help="images for the top-1 agreement (default 128)")
+    p.add_argument("--runs", type=integer(MIN_RUNS), default=100,
+                   help=f"timed runs per level and config (>= {MIN_RUNS})")
+    p.add_argument("--warmup", type=integer(0), default=10, help="untimed runs first (default 10)")
+    p.add_argument("--threads", type=integer(1), default=1, help="intra-op threads for every backend (default 1)")
     p.add_argument("--json", help="also write the result as JSON to this file")
     args = p.parse_args(argv)
-    if args.runs < MIN_RUNS:
-        p.error(f"--runs must be >= {MIN_RUNS}")
     import onnxruntime
     import openvino
 

@@ -8,7 +8,6 @@ config: latency of these dense graphs does not depend on the weights' values.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -30,6 +29,7 @@ from model.config import WaveCLIPConfig  # noqa: E402
 from model.waveclip import WaveCLIP  # noqa: E402
 from devices.machine import cpu_record  # noqa: E402
 from runtime.bundle import load_bundle  # noqa: E402
+from runtime.cli import ArgumentParser, integer  # noqa: E402
 from runtime.preprocess import preprocess  # noqa: E402
 
 
@@ -106,11 +106,11 @@ def table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python bench/bench_kv_cache.py", description=__doc__.split("\n\n")[0])
     p.add_argument("source", help="bundle folder or checkpoint (ckpt.pt)")
-    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (default 1)")
-    p.add_argument("--runs", type=int, default=50, help="timed runs per graph (default 50)")
-    p.add_argument("--warmup", type=int, default=10, help="untimed warm-up runs per graph (default 10)")
+    p.add_argument("--threads", type=integer(1), default=1, help="ONNX Runtime intra-op threads (default 1)")
+    p.add_argument("--runs", type=integer(1), default=50, help="timed runs per graph (default 50)")
+    p.add_argument("--warmup", type=integer(0), default=10, help="untimed warm-up runs per graph (default 10)")
     p.add_argument("--json", help="also write the numbers here")
     args = p.parse_args(argv)
     src = Path(args.source)

@@ -6,7 +6,6 @@ All figures are medians over real images at batch 1, measured side by side in on
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from runtime.backends.ort import OnnxRuntimeBackend  # noqa: E402
 from runtime.bundle import load_bundle  # noqa: E402
 from runtime.cascade import Cascade, margins  # noqa: E402
+from runtime.cli import ArgumentParser, integer  # noqa: E402
 from runtime.data import read_image_list  # noqa: E402
 from runtime.preprocess import image_to_array  # noqa: E402
 from runtime.timing import time_calls  # noqa: E402
@@ -31,13 +31,13 @@ def timed(fn, reps: int) -> float:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python bench/bench_runtime.py", description=__doc__.splitlines()[0])
     p.add_argument("bundle")
     p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "imagenet-sample"),
                    help="images (folder or CSV); default ../shared/data/imagenet-sample")
-    p.add_argument("--images", type=int, default=50)
-    p.add_argument("--reps", type=int, default=20, help="timed repetitions per image and step")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--images", type=integer(1), default=50)
+    p.add_argument("--reps", type=integer(1), default=20, help="timed repetitions per image and step")
+    p.add_argument("--threads", type=integer(1), default=2)
     args = p.parse_args()
 
     bundle = load_bundle(args.bundle)

@@ -10,7 +10,6 @@ apps/web/node_modules and chromium.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import shutil
@@ -24,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from runtime.bundle import load_bundle  # noqa: E402
 from runtime.cascade import Cascade  # noqa: E402
+from runtime.cli import ArgumentParser, integer  # noqa: E402
 from runtime.preprocess import image_to_array, load_image  # noqa: E402
 from runtime.timing import level_times, time_calls  # noqa: E402
 from runtime.wavelet import images_to_levels  # noqa: E402
@@ -96,10 +96,11 @@ def browser_side(node: str, chromium: str, images: list[Path], threads: list[int
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python bench/bench_web.py", description=__doc__.splitlines()[0])
     p.add_argument("bundle", nargs="?", default=str(REPO / "models" / "waveclip-demo" / "bundle"))
-    p.add_argument("--runs", type=int, default=50, help="timed runs per image (default 50)")
-    p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="thread counts to compare (default 1 2)")
+    p.add_argument("--runs", type=integer(1), default=50, help="timed runs per image (default 50)")
+    p.add_argument("--threads", type=integer(1), nargs="+", default=[1, 2],
+                   help="thread counts to compare (default 1 2)")
     p.add_argument("--screenshot", type=Path, help="also save a screenshot of the page with a result (PNG)")
     args = p.parse_args()
     node = shutil.which("node")

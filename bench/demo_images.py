@@ -10,7 +10,6 @@ one markdown row per image: its class, the teacher's top-1 over the head on the 
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from runtime.cascade import Cascade  # noqa: E402
+from runtime.cli import ArgumentParser  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,7 +41,7 @@ def teacher_labels(spec: str, class_names: list[str], labels: list[str], paths: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python bench/demo_images.py", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python bench/demo_images.py", description=__doc__.splitlines()[0])
     p.add_argument("--bundle", type=Path, default=REPO / "models" / "waveclip-demo" / "bundle")
     p.add_argument("--labels", type=Path, default=REPO / "examples" / "images" / "labels.csv")
     p.add_argument("--teacher", default="efficientnet-lite0")

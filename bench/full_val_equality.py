@@ -3,7 +3,6 @@ give the same label and exit level on every row, each input row exactly once; th
 
     python bench/full_val_equality.py [BUNDLE] [--data LABELS.csv]
 """
-import argparse
 import contextlib
 import io
 import json
@@ -18,17 +17,18 @@ import pyarrow.parquet as pq  # noqa: E402
 
 from cluster.classify import classify, parse_args  # noqa: E402
 from runtime.classify import main as runtime_classify  # noqa: E402
+from runtime.cli import ArgumentParser, integer  # noqa: E402
 from runtime.data import read_image_list  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python bench/full_val_equality.py", description=__doc__.split("\n\n")[0])
     p.add_argument("bundle", nargs="?", default=str(REPO / "models" / "waveclip-demo" / "bundle"))
     p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "tiny-imagenet-200" / "labels.csv"))
     p.add_argument("--split", default="val")
-    p.add_argument("--actors", type=int, default=2)
+    p.add_argument("--actors", type=integer(1), default=2)
     args = p.parse_args()
     recs = read_image_list(args.data, args.split)
     with tempfile.TemporaryDirectory() as tmp:

@@ -20,7 +20,6 @@ brings). The labels and every threshold come from the fit part; the held-apart p
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Callable
@@ -36,6 +35,7 @@ from calibration.gate_search import (GateError, LevelStats, Target, candidate_th
 from runtime.backends import BackendError  # noqa: E402
 from runtime.bundle import BundleError  # noqa: E402
 from runtime.cascade import Cascade  # noqa: E402
+from runtime.cli import ArgumentParser, integer, number  # noqa: E402
 from runtime.data import DataError, load_images, read_image_list  # noqa: E402
 from runtime.wavelet import images_to_levels  # noqa: E402
 
@@ -167,16 +167,16 @@ def per_level_head_probs(bundle: str, fit: dict[str, np.ndarray], probs_of: dict
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python bench/gate_signals.py", description=__doc__.splitlines()[0])
     p.add_argument("bundle")
     p.add_argument("--data", required=True)
     p.add_argument("--split")
     p.add_argument("--levels", type=Path, help="per-level probabilities and embeddings: read if present, else "
                                                "measured and written")
-    p.add_argument("--max-drop", type=float, default=0.01)
-    p.add_argument("--z", type=float, default=2.0, help="standard errors spared (calibration.gate --confidence)")
-    p.add_argument("--holdout", type=float, default=0.3)
-    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--max-drop", type=number(0, below=1), default=0.01)
+    p.add_argument("--z", type=number(0), default=2.0, help="standard errors spared (calibration.gate --confidence)")
+    p.add_argument("--holdout", type=number(above=0, below=1), default=0.3)
+    p.add_argument("--repeats", type=integer(1), default=20)
     p.add_argument("--no-learned", action="store_true", help="skip the learned signal")
     p.add_argument("--refit-split", help="also per-level heads refit on this split of --data (e.g. fit)")
     args = p.parse_args(argv)

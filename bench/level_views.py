@@ -14,7 +14,6 @@ here, and the student is only evaluated.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -29,6 +28,7 @@ from calibration.gate_search import GateError  # noqa: E402
 from runtime.errors import BundleError  # noqa: E402
 from runtime.backends import BackendError  # noqa: E402
 from runtime.cascade import Cascade  # noqa: E402
+from runtime.cli import ArgumentParser, integer  # noqa: E402
 from runtime.data import DataError, load_images, read_image_list  # noqa: E402
 from runtime.wavelet import wavedec2  # noqa: E402
 
@@ -71,11 +71,11 @@ def teacher_top1_per_level(teacher_spec: str, arrays: np.ndarray, target: np.nda
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python bench/level_views.py", description=__doc__.splitlines()[0])
     p.add_argument("--bundle", type=Path, default=REPO / "models" / "waveclip-demo" / "bundle")
     p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "tiny-imagenet-200" / "labels.csv"))
     p.add_argument("--split", default="val", help="rows of the CSV's split column ('all': every row)")
-    p.add_argument("--limit", type=int, default=2000)
+    p.add_argument("--limit", type=integer(1), default=2000)
     p.add_argument("--teacher", default="efficientnet-lite0")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)

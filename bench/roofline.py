@@ -18,7 +18,6 @@ floor) at equal efficiency, whatever the kernels do.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -34,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.config import vit_gflops  # noqa: E402  (pure python: no torch)
 from runtime.bundle import Bundle, load_bundle  # noqa: E402
+from runtime.cli import ArgumentParser, integer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 VIT_TOKENS, VIT_WIDTH = 197, 768
@@ -227,7 +227,7 @@ def format_table(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python bench/roofline.py", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python bench/roofline.py", description=__doc__.splitlines()[0])
     p.add_argument("bundles", nargs="+", metavar="BUNDLE", help="fp32 and/or onnxruntime int8 bundle folders")
     p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "imagenet-sample"),
                    help="a real image to run (folder or CSV; default ../shared/data/imagenet-sample, else "
@@ -235,8 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vit", default="auto", metavar="auto|PATH.onnx",
                    help="the fp32 ViT-B-16 baseline (auto: devices.baseline's export, made once); int8 bundles are "
                         "compared with it quantized the same way")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=10, help="timed rounds (default 10)")
+    p.add_argument("--threads", type=integer(1), default=2)
+    p.add_argument("--rounds", type=integer(1), default=10, help="timed rounds (default 10)")
     p.add_argument("--json", help="write every number here")
     args = p.parse_args(argv)
     from devices.baseline import BaselineError, quantized_baseline, resolve_baseline

@@ -10,7 +10,6 @@ each image as ``bench/evaluate.py`` shows it (its own preprocessing of the file)
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -23,6 +22,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.teachers import load_teacher  # noqa: E402
+from runtime.cli import ArgumentParser, integer  # noqa: E402
 from runtime.data import read_image_list  # noqa: E402
 from train.head import DEFAULTS, accuracy, fit_head, label_rows  # noqa: E402
 from train.teacher_onnx import onnx_encoder  # noqa: E402
@@ -44,16 +44,16 @@ def embeddings(teacher, records, batch_size: int = 64) -> torch.Tensor:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python bench/teacher_head_fit.py", description=__doc__.splitlines()[0])
     p.add_argument("--teacher", default="efficientnet-lite0")
     p.add_argument("--labels-from", type=Path, default=REPO / "models" / "waveclip-demo" / "bundle",
                    help="bundle whose label set is the head (default: the demo's)")
     p.add_argument("--data", default=str(REPO / "out" / "demo-work" / "tiny-imagenet-splits.csv"))
     p.add_argument("--split", default="fit", help="CSV split to fit on (all: every row)")
-    p.add_argument("--limit", type=int)
+    p.add_argument("--limit", type=integer(1))
     p.add_argument("--eval-data", default=str(REPO.parent / "shared" / "data" / "tiny-imagenet-200" / "labels.csv"))
     p.add_argument("--eval-split", default="val", help="CSV split held out (all: every row)")
-    p.add_argument("--eval-limit", type=int, default=2000)
+    p.add_argument("--eval-limit", type=integer(1), default=2000)
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
 

@@ -9,7 +9,6 @@ Measure on a quiet machine: the figures are images per second, and the ratio is 
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from pathlib import Path
@@ -20,27 +19,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.config import get_preset  # noqa: E402
 from model.teachers import load_teacher  # noqa: E402
+from runtime.cli import ArgumentParser, integer  # noqa: E402
 from train.setup import load_set  # noqa: E402
 from train.teacher_cache import TeacherTargets, teacher_targets  # noqa: E402
 from train.teacher_onnx import BACKENDS  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python bench/teacher_pass.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="image folder or CSV (as train.distill's --data)")
     p.add_argument("--split", help="that CSV's split to use")
-    p.add_argument("--limit", type=int, default=1024, help="images per pass")
+    p.add_argument("--limit", type=integer(1), default=1024, help="images per pass")
     p.add_argument("--backends", default="onnxruntime,openvino", help=f"comma-separated, of {', '.join(BACKENDS)}")
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rounds", type=integer(1), default=2)
     p.add_argument("--teacher", default="efficientnet-lite0")
     p.add_argument("--preset", default="waveclip-demo", help="the student whose view and grid the teacher serves")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=integer(1), default=2)
     args = p.parse_args(argv)
     backends = [b for b in args.backends.split(",") if b]
     if not backends or any(b not in BACKENDS for b in backends):
         p.error(f"--backends: choose from {', '.join(BACKENDS)}")
-    if args.limit < 1 or args.rounds < 1:
-        p.error("--limit and --rounds must be >= 1")
     torch.set_num_threads(args.threads)
     cfg = get_preset(args.preset)
     spec = cfg.preprocessing_spec()

@@ -6,7 +6,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from typing import Sequence
@@ -17,6 +16,7 @@ from tqdm import tqdm
 from calibration.gate_search import exit_levels
 from runtime.bundle import Bundle
 from runtime.cascade import Cascade, margins
+from runtime.cli import ArgumentParser, number
 
 CHUNK = 32
 
@@ -113,13 +113,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from calibration.gate_search import GateError
     from calibration.level_table import compare_tables
 
-    p = argparse.ArgumentParser(prog="python -m calibration.compare",
-                                description="fp32 vs int8 from two runs of `python -m cluster.classify BUNDLE "
-                                            "--levels all` over the same images: per-level top-1 agreement (and "
-                                            "accuracy with labels) and cascade agreement; no embedding cosines.")
+    p = ArgumentParser(prog="python -m calibration.compare",
+                       description="fp32 vs int8 from two runs of `python -m cluster.classify BUNDLE "
+                                   "--levels all` over the same images: per-level top-1 agreement (and "
+                                   "accuracy with labels) and cascade agreement; no embedding cosines.")
     p.add_argument("fp32", help="Parquet of cluster.classify --levels all with the fp32 bundle")
     p.add_argument("int8", help="Parquet of cluster.classify --levels all with the int8 bundle, same images")
-    p.add_argument("--min-agreement", type=float, default=0.99,
+    p.add_argument("--min-agreement", type=number(0, 1), default=0.99,
                    help="exit 1 when any level's top-1 agreement is lower (default 0.99)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     args = p.parse_args(argv)

@@ -322,3 +322,33 @@ def test_speed_memory_probe_process_holds_no_torch(tmp_path):
     assert json.loads(out.stdout.strip().splitlines()[-1])["rss_mib"] > 0
     imported = {line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time")}
     assert "runtime.cascade" in imported and "torch" not in imported
+
+
+SCRIPTS = [  # script (or -m module) -> arguments that fail in argument parsing, and the option the error names
+    ("bench/agreement_bound.py", [BUNDLE, "--data", IMAGES, "--limit", "0"], "--limit"),
+    ("bench/bench_cluster.py", [BUNDLE, "--data", IMAGES, "--small", "0"], "--small"),
+    ("bench/bench_int8.py", [BUNDLE, BUNDLE, "--data", IMAGES, "--runs", "10"], "--runs"),
+    ("bench/bench_kv_cache.py", [BUNDLE, "--threads", "0"], "--threads"),
+    ("bench/bench_runtime.py", [BUNDLE, "--reps", "0"], "--reps"),
+    ("bench/bench_web.py", [BUNDLE, "--threads", "1", "-1"], "--threads"),
+    ("bench/demo_images.py", ["--no-such-option"], "--no-such-option"),
+    ("bench/full_val_equality.py", [BUNDLE, "--actors", "0"], "--actors"),
+    ("bench/gate_signals.py", [BUNDLE, "--data", IMAGES, "--holdout", "1"], "--holdout"),
+    ("bench/level_views.py", ["--limit", "0"], "--limit"),
+    ("bench/roofline.py", [BUNDLE, "--rounds", "0"], "--rounds"),
+    ("bench/teacher_head_fit.py", ["--eval-limit", "0"], "--eval-limit"),
+    ("bench/teacher_pass.py", ["--data", IMAGES, "--rounds", "0"], "--rounds"),
+    ("-m calibration.compare", ["fp32.parquet", "int8.parquet", "--min-agreement", "1.5"], "--min-agreement"),
+]
+
+
+@pytest.mark.parametrize("script, argv, flag", SCRIPTS, ids=[f"{s} {' '.join(a[-2:])}" for s, a, _ in SCRIPTS])
+def test_bench_scripts_refuse_bad_options_in_one_line(script, argv, flag):
+    """Run as their docstrings say: a bad option value is one line naming it (exit 2), no usage dump, no output."""
+    proc = subprocess.run([sys.executable, *script.split(), *argv], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    err = proc.stderr.strip()
+    assert proc.returncode == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert "Traceback" not in err and "usage:" not in err and flag in err and "--help)" in err, err
+    assert proc.stdout == ""
