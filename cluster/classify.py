@@ -19,6 +19,7 @@ from tqdm import tqdm
 from runtime.backends import BackendError
 from runtime.bundle import BundleError, load_bundle
 from runtime.cascade import normalize_thresholds
+from runtime.cli import ArgumentParser, integer
 from runtime.data import DataError
 from runtime.errors import one_line
 
@@ -29,13 +30,8 @@ from cluster.source import blocks, read_source
 LOCAL_OBJECT_STORE_MB = 256
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, exit 2 (no usage dump)
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = _Parser(prog="python -m cluster.classify", description=__doc__.split(":", 1)[1].strip().split("\n\n")[0],
+    p = ArgumentParser(prog="python -m cluster.classify", description=__doc__.split(":", 1)[1].strip().split("\n\n")[0],
                 epilog="Exit status: 0 written; 1 the run failed after Ray's retries; 2 bad input (bundle, data, "
                        "output). Nothing is written unless every input row has its result row.")
     p.add_argument("bundle", help="bundle folder (python -m export.onnx or calibration.quantize)")
@@ -46,24 +42,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, metavar="OUT.parquet", help="result file to create")
     p.add_argument("--address", help="an existing Ray cluster: 'auto' (this node's), 'ray://HEAD:10001' (Ray "
                                      "client) or HEAD:6379; default: start a small local Ray")
-    p.add_argument("--actors", type=int, help="cascade actors (default: 1 locally; on a cluster an autoscaling pool "
-                                              "of 1 to CPUs/threads-per-actor)")
-    p.add_argument("--threads-per-actor", type=int, default=1, metavar="T",
+    p.add_argument("--actors", type=integer(1),
+                   help="cascade actors (default: 1 locally; on a cluster an autoscaling pool of 1 to "
+                        "CPUs/threads-per-actor)")
+    p.add_argument("--threads-per-actor", type=integer(1), default=1, metavar="T",
                    help="intra-op threads (and CPUs reserved) per actor (default 1)")
     p.add_argument("--levels", choices=("exit", "all"), default="exit",
                    help="exit: the cascade with early exit (default); all: run every level on every image and also "
                         "write per-level predictions and margins (for calibration.gate / calibration.compare)")
     p.add_argument("--threshold", type=float, nargs="+", metavar="T",
                    help="gate thresholds: one for every level or one per level before the last (default: manifest)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per decoding task and cascade call (default 32)")
+    p.add_argument("--batch-size", type=integer(1), default=32,
+                   help="images per decoding task and cascade call (default 32)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle files")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    args = p.parse_args(argv)
-    for name in ("actors", "threads_per_actor", "batch_size"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
-    return args
+    return p.parse_args(argv)
 
 
 def start_ray(address: str | None, actors: int, threads: int) -> bool:
