@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cluster.classify import classify, parse_args  # noqa: E402
 from devices.machine import cpu_record  # noqa: E402
 from runtime.classify import main as runtime_classify  # noqa: E402
-from runtime.cli import ArgumentParser, integer  # noqa: E402
+from runtime.atomic import write_text_atomic  # noqa: E402
+from runtime.cli import ArgumentParser, integer, output_file  # noqa: E402
 from runtime.data import read_image_list  # noqa: E402
 
 
@@ -56,7 +57,7 @@ def main() -> int:
     p.add_argument("--limit", type=integer(1), default=2000)
     p.add_argument("--small", type=integer(1), default=200)
     p.add_argument("--configs", default="1x1,2x1", help="ACTORSxTHREADS,... (default 1x1,2x1)")
-    p.add_argument("--json", help="write the results here")
+    p.add_argument("--json", type=output_file, help="write the results here")
     args = p.parse_args()
     records = read_image_list(args.data, args.split, args.limit)
     paths = [str(r.path) for r in records]
@@ -93,7 +94,7 @@ def main() -> int:
             print(f"  marginal {1e3 * marginal:.2f} ms/img ({1 / marginal:.1f} img/s steady), fixed per run "
                   f"{entry['fixed_run_s']:.1f} s", flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        write_text_atomic(args.json, json.dumps(result, indent=2) + "\n")
     return 0
 
 

@@ -23,7 +23,8 @@ from calibration.compare import compare  # noqa: E402
 from runtime.backends import create_backend  # noqa: E402
 from devices.machine import cpu_record  # noqa: E402
 from runtime.bundle import Bundle, BundleError, load_bundle  # noqa: E402
-from runtime.cli import ArgumentParser, integer  # noqa: E402
+from runtime.atomic import write_text_atomic  # noqa: E402
+from runtime.cli import ArgumentParser, integer, output_file  # noqa: E402
 from runtime.data import DataError, load_images, read_image_list  # noqa: E402
 from runtime.wavelet import images_to_levels  # noqa: E402
 
@@ -94,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help=f"timed runs per level and config (>= {MIN_RUNS})")
     p.add_argument("--warmup", type=integer(0), default=10, help="untimed runs first (default 10)")
     p.add_argument("--threads", type=integer(1), default=1, help="intra-op threads for every backend (default 1)")
-    p.add_argument("--json", help="also write the result as JSON to this file")
+    p.add_argument("--json", type=output_file, help="also write the result as JSON to this file")
     args = p.parse_args(argv)
     import onnxruntime
     import openvino
@@ -127,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "latency": latency, "agreement": agreement}
     print(markdown(result))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        write_text_atomic(args.json, json.dumps(result, indent=2) + "\n")
     return 0
 
 

@@ -29,7 +29,8 @@ from model.config import WaveCLIPConfig  # noqa: E402
 from model.waveclip import WaveCLIP  # noqa: E402
 from devices.machine import cpu_record  # noqa: E402
 from runtime.bundle import load_bundle  # noqa: E402
-from runtime.cli import ArgumentParser, integer  # noqa: E402
+from runtime.atomic import write_text_atomic  # noqa: E402
+from runtime.cli import ArgumentParser, integer, output_file  # noqa: E402
 from runtime.preprocess import preprocess  # noqa: E402
 
 
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=integer(1), default=1, help="ONNX Runtime intra-op threads (default 1)")
     p.add_argument("--runs", type=integer(1), default=50, help="timed runs per graph (default 50)")
     p.add_argument("--warmup", type=integer(0), default=10, help="untimed warm-up runs per graph (default 10)")
-    p.add_argument("--json", help="also write the numbers here")
+    p.add_argument("--json", type=output_file, help="also write the numbers here")
     args = p.parse_args(argv)
     src = Path(args.source)
     with tempfile.TemporaryDirectory(prefix="waveclip-bench-bundle-") as tmp:
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         result = bench(bundle_dir, model, args.threads, args.runs, args.warmup)
     print(table(result))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        write_text_atomic(args.json, json.dumps(result, indent=2) + "\n")
     return 0
 
 

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from runtime.bundle import load_bundle  # noqa: E402
 from runtime.cascade import Cascade  # noqa: E402
-from runtime.cli import ArgumentParser, integer  # noqa: E402
+from runtime.cli import ArgumentParser, integer, output_file  # noqa: E402
 from runtime.preprocess import image_to_array, load_image  # noqa: E402
 from runtime.timing import level_times, time_calls  # noqa: E402
 from runtime.wavelet import images_to_levels  # noqa: E402
@@ -101,7 +101,8 @@ def main() -> int:
     p.add_argument("--runs", type=integer(1), default=50, help="timed runs per image (default 50)")
     p.add_argument("--threads", type=integer(1), nargs="+", default=[1, 2],
                    help="thread counts to compare (default 1 2)")
-    p.add_argument("--screenshot", type=Path, help="also save a screenshot of the page with a result (PNG)")
+    p.add_argument("--screenshot", type=output_file,
+                   help="also save a screenshot of the page with a result (PNG)")
     args = p.parse_args()
     node = shutil.which("node")
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -110,7 +111,8 @@ def main() -> int:
         return 2
     images = sorted((REPO / "examples" / "images").glob("*.jpg"))
     with tempfile.TemporaryDirectory() as tmp:
-        browser = browser_side(node, chromium, images, args.threads, args.runs, args.screenshot, Path(tmp))
+        browser = browser_side(node, chromium, images, args.threads, args.runs,
+                               Path(args.screenshot) if args.screenshot else None, Path(tmp))
     med = statistics.median
     print(f"CPU: {cpu_name()}; {len(images)} images x {args.runs} runs, batch 1, every level run; median ms")
     print("| threads | step | Python onnxruntime | browser WASM | browser / Python |")

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from calibration.gate import measure_levels  # noqa: E402
 from calibration.gate_search import LevelStats, simulate  # noqa: E402
 from runtime.cascade import Cascade  # noqa: E402
+from runtime.atomic import write_text_atomic  # noqa: E402
 from runtime.cli import ArgumentParser, integer, output_file  # noqa: E402
 from runtime.data import read_image_list  # noqa: E402
 
@@ -102,9 +103,9 @@ def main() -> int:
     md = render(out, runs)
     print(md)
     if args.markdown:
-        Path(args.markdown).write_text(md)
+        write_text_atomic(args.markdown, md)
     if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+        write_text_atomic(args.json, json.dumps(out, indent=2) + "\n")
     return 0
 
 

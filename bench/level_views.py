@@ -28,7 +28,8 @@ from calibration.gate_search import GateError  # noqa: E402
 from runtime.errors import BundleError  # noqa: E402
 from runtime.backends import BackendError  # noqa: E402
 from runtime.cascade import Cascade  # noqa: E402
-from runtime.cli import ArgumentParser, integer  # noqa: E402
+from runtime.atomic import write_text_atomic  # noqa: E402
+from runtime.cli import ArgumentParser, integer, output_file  # noqa: E402
 from runtime.data import DataError, load_images, read_image_list  # noqa: E402
 from runtime.wavelet import wavedec2  # noqa: E402
 
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", default="val", help="rows of the CSV's split column ('all': every row)")
     p.add_argument("--limit", type=integer(1), default=2000)
     p.add_argument("--teacher", default="efficientnet-lite0")
-    p.add_argument("--json", type=Path)
+    p.add_argument("--json", type=output_file, help="write the numbers here")
     args = p.parse_args(argv)
 
     try:
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['level']} | {r['pixels']} px | {100 * r['teacher_top1']:.1f}% | {100 * r['student_top1']:.1f}% | "
               f"{ratio} |")
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        write_text_atomic(args.json, json.dumps(rows, indent=2) + "\n")
     return 0
 
 

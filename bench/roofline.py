@@ -33,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.config import vit_gflops  # noqa: E402  (pure python: no torch)
 from runtime.bundle import Bundle, load_bundle  # noqa: E402
-from runtime.cli import ArgumentParser, integer  # noqa: E402
+from runtime.atomic import write_text_atomic  # noqa: E402
+from runtime.cli import ArgumentParser, integer, output_file  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 VIT_TOKENS, VIT_WIDTH = 197, 768
@@ -237,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
                         "compared with it quantized the same way")
     p.add_argument("--threads", type=integer(1), default=2)
     p.add_argument("--rounds", type=integer(1), default=10, help="timed rounds (default 10)")
-    p.add_argument("--json", help="write every number here")
+    p.add_argument("--json", type=output_file, help="write every number here")
     args = p.parse_args(argv)
     from devices.baseline import BaselineError, quantized_baseline, resolve_baseline
     from runtime.data import DataError, load_images, read_image_list
@@ -265,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        write_text_atomic(args.json, json.dumps(results, indent=2) + "\n")
     return 0
 
 

@@ -38,6 +38,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from runtime.bundle import Bundle, load_bundle  # noqa: E402
+from runtime.atomic import write_text_atomic  # noqa: E402
 from runtime.cli import ArgumentParser, integer, key_value, output_file  # noqa: E402
 from runtime.timing import exit_plan, parse_exit_mix  # noqa: E402
 
@@ -390,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     report = summarize(run, t1, tb, mem, mix, args, L, PER_CALL)
     print(format_table(report))
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        write_text_atomic(args.json, json.dumps(report, indent=2) + "\n")
     return 0
 
 

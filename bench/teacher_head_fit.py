@@ -22,7 +22,8 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.teachers import load_teacher  # noqa: E402
-from runtime.cli import ArgumentParser, integer  # noqa: E402
+from runtime.atomic import write_text_atomic  # noqa: E402
+from runtime.cli import ArgumentParser, integer, output_file  # noqa: E402
 from runtime.data import read_image_list  # noqa: E402
 from train.head import DEFAULTS, accuracy, fit_head, label_rows  # noqa: E402
 from train.teacher_onnx import onnx_encoder  # noqa: E402
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-data", default=str(REPO.parent / "shared" / "data" / "tiny-imagenet-200" / "labels.csv"))
     p.add_argument("--eval-split", default="val", help="CSV split held out (all: every row)")
     p.add_argument("--eval-limit", type=integer(1), default=2000)
-    p.add_argument("--json", type=Path)
+    p.add_argument("--json", type=output_file, help="write the numbers here")
     args = p.parse_args(argv)
 
     from runtime.bundle import load_bundle
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
            "seconds": round(time.time() - t0, 1)}
     print(json.dumps(out, indent=2))
     if args.json:
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
+        write_text_atomic(args.json, json.dumps(out, indent=2) + "\n")
     return 0
 
 

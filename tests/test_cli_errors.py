@@ -352,3 +352,21 @@ def test_bench_scripts_refuse_bad_options_in_one_line(script, argv, flag):
     assert len(err.splitlines()) == 1 and err.startswith("error: "), err
     assert "Traceback" not in err and "usage:" not in err and flag in err and "--help)" in err, err
     assert proc.stdout == ""
+
+
+JSON_SCRIPTS = {"bench/bench_cluster.py": [BUNDLE, "--data", IMAGES],
+                "bench/bench_int8.py": [BUNDLE, BUNDLE, "--data", IMAGES], "bench/bench_kv_cache.py": [BUNDLE], "bench/evaluate.py": [], "bench/level_views.py": [],
+                "bench/roofline.py": [BUNDLE], "bench/speed.py": [BUNDLE], "bench/teacher_head_fit.py": []}
+
+
+@pytest.mark.parametrize("script", sorted(JSON_SCRIPTS))
+def test_bench_scripts_refuse_an_unwritable_json_before_the_run(script, tmp_path):
+    """--json used to be checked only when written, after the whole run: a path under a file lost a long benchmark's
+    numbers. (A missing folder is made: the numbers are written atomically, parents created.)"""
+    (tmp_path / "afile").write_text("")
+    where = str(tmp_path / "afile" / "out.json")
+    proc = subprocess.run([sys.executable, script, *JSON_SCRIPTS[script], "--json", where], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and len(err.splitlines()) == 1 and "--json" in err and "is a file" in err, err
+    assert proc.stdout == ""
