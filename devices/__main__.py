@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import sys
 
+from devices.match import auto_profile_name
 from devices.profile_config import DeviceProfile, ProfileError, list_profiles, load_profile, required_extra
 from devices.trtexec import BundleError, trtexec_script
 from runtime.cli import ArgumentParser, exit_with
@@ -49,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True, metavar="{list,show,trtexec}")
     sub.add_parser("list", help="table of the shipped profiles", description="Table of the shipped profiles.")
     show = sub.add_parser("show", help="print one profile", description="Print one profile and its setup notes.")
-    show.add_argument("profile", help="profile name (devices/profiles/NAME.toml) or path to a .toml")
+    show.add_argument("profile", help="profile name (devices/profiles/NAME.toml), path to a .toml, or auto (the one "
+                                      "that fits this machine)")
     trt = sub.add_parser("trtexec", help="print trtexec build and timing commands for a bundle",
                          description="Print the trtexec commands that build one TensorRT engine per level of a "
                                      "bundle into BUNDLE/tensorrt/PROFILE/ and time them, for running on the device.")
@@ -61,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "list":
             print(format_table(list_profiles()))
+            name, why = auto_profile_name()
+            print(f"\nthis machine: {name} ({why}); --device auto picks it" if name else
+                  f"\nthis machine: none of them ({why})")
         elif args.command == "show":
             print(format_profile(load_profile(args.profile)))
         else:

@@ -174,6 +174,11 @@ def tegrastats_sample(seconds: float = 1.0, interval_ms: int = 250) -> dict[str,
     return _safe(sample)
 
 
+def board_model() -> str | None:
+    """The board's model string on Arm boards (Jetson, Raspberry Pi), from the device tree; None elsewhere."""
+    return _read("/proc/device-tree/model") or None
+
+
 def jetson_record(power_sample: bool = True) -> dict[str, Any] | None:
     """nvpmodel mode, jetson_clocks state and a tegrastats sample; None when not a Jetson."""
     if not TEGRA_RELEASE.exists():
@@ -184,7 +189,7 @@ def jetson_record(power_sample: bool = True) -> dict[str, Any] | None:
     clocks = _command(["jetson_clocks", "--show"])
     record: dict[str, Any] = {
         "tegra_release": (_read(TEGRA_RELEASE) or "").splitlines()[0] if _read(TEGRA_RELEASE) else None,
-        "board": _read("/proc/device-tree/model"),
+        "board": board_model(),
         "nvpmodel": {"mode": mode.group(1) if mode else None, "id": int(mode_id.group(1)) if mode_id else None,
                      "output": nvp},
         "jetson_clocks": {"output": clocks, "locked": _clocks_locked(clocks)},

@@ -31,6 +31,7 @@ import numpy as np
 
 from devices.baseline import BaselineError
 from devices.machine import machine_record
+from devices.match import auto_profile_name
 from devices.profile_config import DeviceProfile, ProfileError, check_backend_available, load_profile
 from devices.profile_measure import (Progress, _r, _ratio, batch_throughput, cascade_latency, exit_costs,
                                      exit_histogram, exit_mix_latency, expected_latency, level_latency, summarize,
@@ -111,6 +112,8 @@ def load_real_images(source: str | os.PathLike, count: int, spec: dict, notes: l
 def profile_bundle(args: argparse.Namespace, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> dict:
     """Run every measurement and return the report (the JSON document)."""
     profile = load_profile(args.device)
+    if args.device == "auto":
+        log(f"--device auto: {profile.name} ({auto_profile_name()[1]})")
     check_backend_available(profile)
     if not Path(args.bundle).is_dir():
         raise BundleError(f"{args.bundle}: no such bundle folder")
@@ -250,7 +253,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                "--latency-json FILE`. Exit status 2 on bad input (unknown device, missing bundle or backend).")
     p.add_argument("bundle", help="bundle folder (manifest.json + level graphs)")
     p.add_argument("--device", required=True, metavar="NAME_OR_PATH",
-                   help="device profile: a name from devices/profiles/ (see `python -m devices list`) or a .toml path")
+                   help="device profile: a name from devices/profiles/ (see `python -m devices list`), a .toml path, "
+                        "or auto (the shipped profile that fits this machine: board, CPU architecture and flags)")
     p.add_argument("--runs", type=integer(1), metavar="N",
                    help="timed runs per measurement, after the warm-up (default: the profile's iterations)")
     p.add_argument("--warmup", type=integer(0), default=10, metavar="N",

@@ -111,8 +111,17 @@ def profile_names(directory: str | os.PathLike = PROFILES_DIR) -> list[str]:
 
 
 def load_profile(name_or_path: str) -> DeviceProfile:
-    """Load a profile by bare name (from ``devices/profiles/``) or by path (anything with a separator or ``.toml``)."""
+    """Load a profile by bare name (from ``devices/profiles/``) or by path (anything with a separator or ``.toml``);
+    ``auto``: the shipped profile that fits this machine (:mod:`devices.match`)."""
     s = str(name_or_path)
+    if s == "auto":
+        from devices.match import auto_profile_name
+
+        name, why = auto_profile_name()
+        if name is None:
+            raise ProfileError(f"no shipped device profile fits this machine ({why}): name one "
+                               "(python -m devices list) or give a .toml path")
+        s = name
     if "/" in s or os.sep in s or s.endswith(".toml"):
         path = Path(s)
         if not path.is_file():

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 from devices.__main__ import main
+from devices.machine import FLAGS_OF_INTEREST
+from devices.match import auto_profile_name, match_profile
 from devices.profile_config import (PROFILES_DIR, ProfileError, check_backend_available, list_profiles, load_profile,
                                     profile_names, required_extra)
 from devices.trtexec import BundleError, build_command, run_commands, trtexec_script
@@ -146,8 +148,48 @@ def test_onnxruntime_provider_checked():
 def test_cli_list_shows_all_names():
     out = subprocess.run([sys.executable, "-m", "devices", "list"], cwd=ROOT, capture_output=True, text=True,
                          check=True).stdout
-    assert out.splitlines()[0].split()[:5] == ["NAME", "BACKEND", "PROVIDER", "PRECISION", "THREADS"]
-    assert {line.split()[0] for line in out.splitlines()[1:]} == EXPECTED
+    table, footer = out.split("\n\n")
+    assert table.splitlines()[0].split()[:5] == ["NAME", "BACKEND", "PROVIDER", "PRECISION", "THREADS"]
+    assert {line.split()[0] for line in table.splitlines()[1:]} == EXPECTED
+    name, _ = auto_profile_name()
+    assert footer.startswith(f"this machine: {name or 'none of them'} (")
+
+
+def _cpu(arch: str = "x86_64", *flags: str) -> dict:
+    return {"architecture": arch, "model": "test CPU", "flags": {f: f in flags for f in FLAGS_OF_INTEREST}}
+
+
+@pytest.mark.parametrize("cpu, board, expected", [
+    (_cpu("x86_64", "avx2", "avx512f", "avx512_vnni", "amx_int8", "amx_tile"), None, "x86-avx512-vnni"),  # Xeon, AMX
+    (_cpu("x86_64", "avx2", "avx512f", "avx512_vnni"), None, "x86-avx512-vnni"),  # Ice Lake, Zen 4
+    (_cpu("x86_64", "avx2", "fma"), None, "x86-avx2"),  # Zen 1-3, Haswell-Skylake clients
+    (_cpu("x86_64", "avx2", "avx_vnni"), None, "x86-avx2"),  # Alder Lake: its setup text names avx_vnni
+    (_cpu("x86_64", "avx2", "avx512f"), None, "x86-avx2"),  # Skylake-SP: AVX-512 without VNNI
+    (_cpu("x86_64"), None, None),  # no AVX2: nothing shipped fits
+    (_cpu("aarch64", "asimd"), None, "arm64-cpu"),
+    (_cpu("aarch64", "asimd"), "Raspberry Pi 5 Model B Rev 1.0\x00", "raspberry-pi-5"),
+    (_cpu("aarch64"), "NVIDIA Jetson Orin Nano Engineering Reference Developer Kit Super", "jetson-orin-nano"),
+    (_cpu("aarch64"), "Jetson AGX Orin", "jetson-agx-orin"),
+    (_cpu("aarch64"), "NVIDIA Jetson Xavier NX Developer Kit", "jetson-xavier-nx"),
+    (_cpu("aarch64"), "NVIDIA Jetson Nano Developer Kit", None),  # a Jetson without a profile: not arm64-cpu
+])
+def test_auto_picks_the_profile_a_user_would_pick(cpu, board, expected):
+    name, why = match_profile(cpu, board)
+    assert name == expected, why
+    if name:
+        assert load_profile(name).name == name and "openvino" not in name
+
+
+def test_device_auto_loads_this_machines_profile_or_says_why_not(monkeypatch, capsys):
+    name, _ = auto_profile_name()
+    if name:
+        assert load_profile("auto").name == name
+        assert main(["show", "auto"]) == 0 and capsys.readouterr().out.splitlines()[0].split() == ["name", name]
+    monkeypatch.setattr("devices.match.cpu_record", lambda: _cpu("riscv64"))
+    monkeypatch.setattr("devices.match.board_model", lambda: None)
+    with pytest.raises(ProfileError, match="no shipped device profile fits this machine .*riscv64"):
+        load_profile("auto")
+    assert main(["show", "auto"]) == 2 and capsys.readouterr().err.count("\n") == 1
 
 
 def test_cli_show_and_errors(capsys, tmp_path):
