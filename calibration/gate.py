@@ -154,7 +154,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="with --max-drop: the drop must hold on the fit images with Z paired standard errors to "
                         "spare, so that the cheapest of many threshold combinations still holds on new images "
                         f"(default {DEFAULT_CONFIDENCE:g}; 0: the plain bound; see bench/gate_methods.py)")
-    p.add_argument("--device", help="device profile (devices/profiles; auto: the one that fits this machine) whose latencies to use")
+    p.add_argument("--device", help="device profile (devices/profiles; auto: the one that fits this machine) whose "
+                                    "latencies to use")
     p.add_argument("--latency-json", help="per-level latencies from `python -m devices.profile ... --json`; without "
                                           "it they are measured here with onnxruntime and the profile's threads")
     p.add_argument("--reference", choices=("labels", "full"),
