@@ -38,6 +38,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from runtime.bundle import Bundle, load_bundle  # noqa: E402
+from devices.memory import rss_mib  # noqa: E402
 from runtime.atomic import write_text_atomic  # noqa: E402
 from runtime.cli import ArgumentParser, integer, key_value, output_file  # noqa: E402
 from runtime.timing import exit_plan, parse_exit_mix  # noqa: E402
@@ -141,15 +142,6 @@ def build(s: Setup, threads: int):
     timer = OnnxTimer(s.vit, s.backend, "CPUExecutionProvider" if s.backend == "onnxruntime" else "CPU", threads,
                       s.vit_precision, s.vit_hint, s.vit_spinning)
     return cascade, timer
-
-
-def rss_mib() -> dict[str, float]:
-    fields = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                fields[line.split(":")[0]] = round(int(line.split()[1]) / 1024, 1)
-    return {"rss_mib": fields.get("VmRSS"), "peak_mib": fields.get("VmHWM")}
 
 
 def probe_memory(spec: dict) -> dict:

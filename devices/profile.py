@@ -32,6 +32,7 @@ import numpy as np
 from devices.baseline import BaselineError
 from devices.machine import machine_record
 from devices.match import auto_profile_name
+from devices.memory import in_fresh_process
 from devices.profile_config import DeviceProfile, ProfileError, check_backend_available, load_profile
 from devices.profile_measure import (Progress, _r, _ratio, batch_throughput, cascade_latency, exit_costs,
                                      exit_histogram, exit_mix_latency, expected_latency, level_latency, summarize,
@@ -171,6 +172,9 @@ def profile_bundle(args: argparse.Namespace, log: Callable[[str], None] = lambda
     if not vit["skipped"]:
         throughput["vit_b16"] = vit["batch_b"]
 
+    memory = None if args.no_memory else resident_memory(
+        args, profile, threads or None, batch, paths[0], vit, bundle.manifest.get("precision", "fp32"),
+        getattr(gated.backend, "spinning", True), log)
     load_end = _load_average()
     # the 1-min load average counts this run's own threads at the end: what is left is other work
     start = (machine.get("load_average") or [0.0])[0]
@@ -195,6 +199,10 @@ def profile_bundle(args: argparse.Namespace, log: Callable[[str], None] = lambda
               "throughput_always_full_vs_vit_b16": _ratio(throughput["always_full"]["images_per_s"], vit_ips),
               "throughput_cascade_vs_always_full": _ratio(throughput["cascade"]["images_per_s"],
                                                           throughput["always_full"]["images_per_s"])}
+    if memory is not None:
+        ratios["memory_basis"] = "resident memory (VmRSS) of a fresh process after its first image"
+        ratios["memory_cascade_vs_vit_b16"] = _ratio(memory["cascade"]["rss_mib"],
+                                                     (memory["vit_b16"] or {}).get("rss_mib"))
     if mixed is not None:
         ratios["exit_mix_vs_vit_b16"] = _ratio(mixed["cascade"]["mean_ms"], vit.get("batch1", {}).get("mean_ms"))
         ratios["throughput_exit_mix_vs_vit_b16"] = _ratio(mixed["throughput"]["images_per_s"], vit_ips)
@@ -221,6 +229,7 @@ def profile_bundle(args: argparse.Namespace, log: Callable[[str], None] = lambda
         "expected_latency": expected,
         "throughput": throughput,
         "baselines": {"always_full": always_full, "vit_b16": vit},
+        "memory": memory,
         "ratios": ratios,
         "notes": notes,
     }
@@ -231,6 +240,24 @@ def _load_average() -> list[float] | None:
         return [round(x, 2) for x in os.getloadavg()]
     except (OSError, AttributeError):
         return None
+
+
+def resident_memory(args: argparse.Namespace, profile: DeviceProfile, threads: int | None, batch: int, image: str,
+                    vit: dict, precision: str, spinning: bool, log: Callable[[str], None]) -> dict:
+    """The gated cascade's and the ViT baseline's resident memory, each loaded in a fresh process as timed here."""
+    log("resident memory: the cascade and the baseline, each in a fresh process ...")
+    cascade = in_fresh_process({"what": "cascade", "bundle": str(args.bundle), "profile": str(profile.path),
+                                "threads": threads, "batch": batch, "weights": args.weights,
+                                "inference_precision": args.inference_precision, "image": str(image)})
+    base = None
+    if not vit["skipped"]:
+        base = in_fresh_process({"what": "vit", "path": vit["path"], "backend": profile.backend,
+                                 "provider": profile.execution_provider, "threads": threads,
+                                 "precision": precision,
+                                 "inference_precision": args.inference_precision, "spinning": spinning,
+                                 "image": str(image)})
+    return {"basis": "VmRSS / VmHWM of a fresh process that loaded the model and ran one image (host memory)",
+            "cascade": cascade, "vit_b16": base}
 
 
 def profile_dict(p: DeviceProfile) -> dict:
@@ -288,6 +315,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--markdown", type=output_file, metavar="OUT", help="also write the Markdown report to this file")
     p.add_argument("--png", type=output_file, metavar="OUT",
                    help="write a chart (latency per level vs cascade vs always-full vs ViT)")
+    p.add_argument("--no-memory", action="store_true",
+                   help="skip the resident-memory probes (each model loaded once more in a fresh process)")
     p.add_argument("--no-power-sample", action="store_true",
                    help="on Jetson, skip the ~1 s tegrastats power sample in the machine record")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log lines on stderr")

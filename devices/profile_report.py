@@ -90,6 +90,13 @@ def format_markdown(r: dict) -> str:
                       ("throughput_always_full_vs_vit_b16", f"throughput: always-full / {n}"),
                       ("throughput_cascade_vs_always_full", "throughput: cascade / always-full")):
         lines.append(f"| {name} | {_x(q[key])} | |")
+    mem = r.get("memory")
+    if mem:
+        def mib(x: dict | None) -> str:
+            return "-" if not x else f"{_f(x['rss_mib'], 0)} MiB" if x.get("rss_mib") else f"failed ({x.get('error')})"
+
+        lines += ["", "## Resident memory", "", f"{mem['basis']}: the cascade {mib(mem['cascade'])}, "
+                  f"{n} {mib(mem['vit_b16'])} (cascade / {n}: {_x(q.get('memory_cascade_vs_vit_b16'))})."]
     if vit.get("note"):
         lines += ["", f"Baseline: {vit['note']}."]
     if r["notes"]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from devices import baseline, machine
+from devices import baseline, machine, memory
 from devices.profile import main as profile_main
 from devices.profile import parse_args, summarize
 
@@ -112,8 +112,13 @@ def test_json_has_every_field(report, tiny_bundle, capsys):
     assert m["threads_used"] == 1 and m["cpu"]["logical_cores"] and m["versions"]["onnxruntime"]
     assert len(r["settings"]["load_average_start"]) == 3 and len(r["settings"]["load_average_end"]) == 3
 
+    mem = r["memory"]  # the cascade loaded again in a fresh process; no baseline here, so no ratio
+    assert mem["cascade"]["rss_mib"] > 0 and mem["cascade"]["peak_mib"] >= mem["cascade"]["rss_mib"]
+    assert mem["vit_b16"] is None and q["memory_cascade_vs_vit_b16"] is None
+
     md = (out / "p.md").read_text()
     assert "| level | GFLOPs |" in md and "always-full" in md and "Expected cascade latency" in md
+    assert "## Resident memory" in md
     assert (out / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -150,8 +155,13 @@ def test_vit_baseline_from_a_path(tiny_bundle, fp32_profile, tiny_onnx, tmp_path
         assert q[key] is not None and q[key] > 0
     assert q["level0_vs_vit_b16"] == pytest.approx(r["levels"][0]["mean_ms"] / vit["batch1"]["mean_ms"], rel=1e-3)
     assert q["p50"]["level0_vs_vit_b16"] == pytest.approx(r["levels"][0]["p50_ms"] / vit["batch1"]["p50_ms"], rel=1e-3)
+    mem = r["memory"]
+    assert mem["cascade"]["rss_mib"] > 0 and mem["vit_b16"]["rss_mib"] > 0
+    assert q["memory_cascade_vs_vit_b16"] == pytest.approx(mem["cascade"]["rss_mib"] / mem["vit_b16"]["rss_mib"],
+                                                           rel=1e-3)
     stdout = capsys.readouterr().out
     assert "| tiny-vit baseline |" in stdout and "level 0 / tiny-vit" in stdout
+    assert "cascade / tiny-vit: " in stdout
     assert (tmp_path / "p.png").stat().st_size > 0
 
 
@@ -219,6 +229,19 @@ def test_profiler_does_not_import_torch(tiny_bundle, tiny_onnx):
             "assert rc == 0, rc; assert 'torch' not in sys.modules, 'torch imported'; print('ok')")
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stderr[-2000:]
+
+
+def test_memory_probe_process_loads_the_cascade_without_torch(tiny_bundle):
+    """What devices.profile's memory column counts: a fresh process with the cascade, one image, and no torch."""
+    spec = {"what": "cascade", "bundle": str(tiny_bundle), "profile": "x86-avx512-vnni", "threads": 1, "batch": 2,
+            "weights": "auto", "inference_precision": None, "image": str(next(IMAGES.glob("*.jpg")))}
+    p = subprocess.run([sys.executable, "-X", "importtime", "-m", "devices.memory", json.dumps(spec)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads(p.stdout.strip().splitlines()[-1])["rss_mib"] > 0
+    imported = {line.rsplit("|", 1)[-1].strip() for line in p.stderr.splitlines() if line.startswith("import time")}
+    assert "runtime.cascade" in imported and "torch" not in imported
+    assert memory.in_fresh_process({**spec, "bundle": str(tiny_bundle / "missing")})["rss_mib"] is None
 
 
 def test_summarize_percentiles():
