@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,8 +36,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from devices.memory import in_fresh_process, rss_mib  # noqa: E402
 from runtime.bundle import Bundle, load_bundle  # noqa: E402
-from devices.memory import rss_mib  # noqa: E402
 from runtime.atomic import write_text_atomic  # noqa: E402
 from runtime.cli import ArgumentParser, integer, key_value, output_file  # noqa: E402
 from runtime.timing import exit_plan, parse_exit_mix  # noqa: E402
@@ -174,11 +173,7 @@ def probe_memory(spec: dict) -> dict:
 def memory(s: Setup, what: str, images_file: str, threads: int) -> dict:
     spec = {"setup": {k: v for k, v in vars(s).items() if k not in ("times", "vit_row", "agreement")},
             "what": what, "images": images_file, "threads": threads}
-    out = subprocess.run([sys.executable, __file__, "--probe-memory", json.dumps(spec)], capture_output=True,
-                         text=True, cwd=REPO)
-    if out.returncode:
-        return {"rss_mib": None, "peak_mib": None, "error": out.stderr.strip().splitlines()[-1:]}
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return in_fresh_process(spec, (__file__, "--probe-memory"))
 
 
 def in_sequence(fn: Callable[[], Any], n: int = PER_CALL) -> Callable[[], int]:

@@ -7,7 +7,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,11 +63,13 @@ def probe(spec: dict[str, Any]) -> dict[str, Any]:
     return rss_mib()
 
 
-def in_fresh_process(spec: dict[str, Any], timeout: float = 900) -> dict[str, Any]:
-    """:func:`probe` in a new Python process; ``{"rss_mib": None, ..., "error": ...}`` when it fails."""
+def in_fresh_process(spec: dict[str, Any], command: Sequence[str] = ("-m", "devices.memory"),
+                     timeout: float = 900) -> dict[str, Any]:
+    """``python COMMAND SPEC_JSON`` in a new process (default: :func:`probe`), which prints its memory as its last
+    line of JSON; ``{"rss_mib": None, ..., "error": ...}`` when it fails."""
     try:
-        out = subprocess.run([sys.executable, "-m", "devices.memory", json.dumps(spec)], capture_output=True,
-                             text=True, cwd=REPO, timeout=timeout)
+        out = subprocess.run([sys.executable, *command, json.dumps(spec)], capture_output=True, text=True, cwd=REPO,
+                             timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"rss_mib": None, "peak_mib": None, "error": f"no answer in {timeout:g} s"}
     if out.returncode:

@@ -245,7 +245,7 @@ def test_speed_memory_probe_leaves_no_image_file(tmp_path, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(speed.subprocess, "run", interrupted)
+    monkeypatch.setattr(subprocess, "run", interrupted)  # the probes' processes (devices.memory)
     setup = speed.Setup("onnxruntime fp32 (levels)", BUNDLE, "onnxruntime", {}, "vit.onnx", "fp32", None)
     with pytest.raises(KeyboardInterrupt):
         speed.memory_probes([setup], np.zeros((2, 3, 8, 8), np.float32), 1)
